@@ -1,0 +1,3 @@
+"""pgwarden: a PostgreSQL wire-protocol sidecar proxy."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""Typed, validated settings loaded from YAML.
+
+Each section is a frozen dataclass; the loader walks the YAML against the dataclass fields,
+so an unknown key or a bad value fails at load with the dotted key and what was expected.
+Settings are swapped in whole on reload, never edited in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Address",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_address",
+    "parse_duration",
+    "settings_from_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the dotted key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Duration(float):
+    """Seconds, written in YAML as `500ms`, `5s`, `2m`, `1h` or a bare number of seconds."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 5s, 2m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(
+                f"expected a duration such as 500ms, 5s, 2m or a number of seconds, got {value!r}"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return Duration(seconds)
+
+
+def parse_address(value: object, default_port: int | None = None) -> Address:
+    text = str(value).strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        port_text = str(default_port)
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
+    return Address(host, int(port_text))
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _positive(**extra: Any) -> dict[str, Any]:
+    return {"minimum": 1, **extra}
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    address: Address = Address("127.0.0.1", 5432)
+    sslmode: str = field(
+        default="prefer", metadata=_choice("disable", "prefer", "require", "verify-full")
+    )
+    sslrootcert: str | None = None
+    connect_timeout: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: Address = Address("127.0.0.1", 9930)
+
+
+@dataclass(frozen=True)
+class ShutdownSettings:
+    drain_timeout: Duration = Duration(30.0)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_client_connections: int = field(default=1000, metadata=_positive())
+    startup_timeout: Duration = Duration(10.0)
+    max_message_size: int = field(default=0x3FFFFFFF, metadata=_positive(maximum=0x3FFFFFFF))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: str = field(default="json", metadata=_choice("json", "console"))
+    level: str = field(
+        default="info", metadata=_choice("debug", "info", "warning", "error", "critical")
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Address = Address("127.0.0.1", 6432)
+    upstream: UpstreamSettings = UpstreamSettings()
+    tls: TLSSettings = TLSSettings()
+    admin: AdminSettings = AdminSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    limits: LimitSettings = LimitSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective settings as plain YAML-able data (for check-config)."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, Address):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not f.metadata.get("internal")
+        }
+    if isinstance(value, Address):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Duration):
+        return f"{float(value):g}s"
+    return value
+
+
+def _convert(annotation: Any, value: Any, meta: typing.Mapping[str, Any], key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, meta, key)
+    if dataclasses.is_dataclass(annotation) and annotation is not Address:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    try:
+        if annotation is Address:
+            result: Any = parse_address(value)
+        elif annotation is Duration:
+            result = parse_duration(value)
+        elif annotation is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"expected true or false, got {value!r}")
+            result = value
+        elif annotation is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"expected a whole number, got {value!r}")
+            result = value
+        elif annotation is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {value!r}")
+            result = value
+        else:
+            raise ValueError(f"unsupported setting type {annotation!r}")
+        if "choices" in meta and result not in meta["choices"]:
+            raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+        if "minimum" in meta and result < meta["minimum"]:
+            raise ValueError(f"expected at least {meta['minimum']}, got {value!r}")
+        if "maximum" in meta and result > meta["maximum"]:
+            raise ValueError(f"expected at most {meta['maximum']}, got {value!r}")
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return result
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key (expected one of {', '.join(known)})")
+        kwargs[name] = _convert(hints[name], value, known[name].metadata, key)
+    return cls(**kwargs)
+
+
+def settings_from_dict(data: dict[str, Any] | None, *, source: str | None = None) -> Settings:
+    settings = _build(Settings, data or {}, "")
+    settings = dataclasses.replace(settings, source=source)
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    tls = settings.tls
+    if bool(tls.cert) != bool(tls.key):
+        raise ConfigError("tls: cert and key must be given together")
+    for name in ("cert", "key"):
+        path = getattr(tls, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"tls.{name}: no such file {path!r}")
+    up = settings.upstream
+    if up.sslmode == "verify-full" and not up.sslrootcert:
+        raise ConfigError("upstream.sslrootcert: required when sslmode is verify-full")
+    if up.sslrootcert and not Path(up.sslrootcert).is_file():
+        raise ConfigError(f"upstream.sslrootcert: no such file {up.sslrootcert!r}")
+
+
+def load_settings(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> Settings:
+    """Reads the YAML file (if any) and applies command-line overrides on top.
+
+    `overrides` maps dotted keys (`upstream.address`) to raw values, validated like the file.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{os.fspath(path)}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{os.fspath(path)}: the top level must be a mapping")
+        data = loaded or {}
+    for dotted, value in overrides.items():
+        target = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{part}: expected a mapping")
+        target[last] = value
+    return settings_from_dict(data, source=os.fspath(path) if path else None)

@@ -1,0 +1,155 @@
+"""Incremental framing of typed protocol-3 messages, without copying what passes through.
+
+The relay forwards each received chunk whole and only then asks the decoder what the chunk
+held. The decoder walks the message headers in place: a message's body is handed out as a
+`memoryview` of the chunk, bytes are copied only for a message split across chunks, and
+messages nobody asked to see (or too large to inspect) are skipped without buffering, so
+memory stays bounded by `inspect_limit` whatever the stream carries.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = [
+    "BODY",
+    "MAX_MESSAGE_LENGTH",
+    "SKIP",
+    "TYPE_ONLY",
+    "FrameDecoder",
+    "ProtocolViolation",
+    "interest_table",
+]
+
+_HEADER = struct.Struct("!BI")
+
+# PostgreSQL refuses messages of 1 GB or more (PQ_LARGE_MESSAGE_LIMIT); so does pgwarden.
+MAX_MESSAGE_LENGTH = 0x3FFFFFFF
+
+SKIP = 0  # not reported
+TYPE_ONLY = 1  # reported as (type, None)
+BODY = 2  # reported as (type, body) when the body fits `inspect_limit`, else (type, None)
+
+
+class ProtocolViolation(Exception):
+    """The peer sent bytes that cannot be a protocol-3 message stream."""
+
+
+def interest_table(type_only: bytes = b"", body: bytes = b"") -> bytes:
+    """A 256-entry lookup of what to report for each message type byte."""
+    table = bytearray(256)
+    for t in type_only:
+        table[t] = TYPE_ONLY
+    for t in body:
+        table[t] = BODY
+    return bytes(table)
+
+
+class FrameDecoder:
+    """Splits a byte stream into (type, body) frames for inspection.
+
+    `feed()` returns the frames completed by a chunk, in order. A frame's body is a
+    memoryview valid until the next `feed()`; callers that keep it must copy it.
+    """
+
+    __slots__ = ("_buf", "_need", "_skip", "inspect_limit", "interest", "max_length")
+
+    def __init__(
+        self,
+        interest: bytes,
+        *,
+        inspect_limit: int = 1 << 20,
+        max_length: int = MAX_MESSAGE_LENGTH,
+    ) -> None:
+        self.interest = interest
+        self.inspect_limit = inspect_limit
+        self.max_length = max_length
+        self._buf = bytearray()  # an incomplete message (header included) being collected
+        self._need = 0  # bytes still missing from _buf; 0 while only a partial header is held
+        self._skip = 0  # bytes of an uninteresting or oversized message still to pass over
+
+    @property
+    def held(self) -> bytes:
+        """The start of an incomplete inspected message, kept until the rest arrives."""
+        return bytes(self._buf)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the stream so far ends exactly at a message boundary."""
+        return not self._buf and not self._skip
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, memoryview | None]]:
+        out: list[tuple[int, memoryview | None]] = []
+        view = memoryview(data)
+        size = len(view)
+        pos = 0
+        if self._skip:
+            pos = min(self._skip, size)
+            self._skip -= pos
+        if self._buf and pos < size:
+            pos = self._continue_partial(view, pos, out)
+        interest = self.interest
+        limit = self.inspect_limit
+        unpack = _HEADER.unpack_from
+        while pos < size:
+            if size - pos < 5:
+                self._buf += view[pos:]
+                break
+            mtype, length = unpack(view, pos)
+            if length < 4 or length > self.max_length:
+                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
+            end = pos + 1 + length
+            want = interest[mtype]
+            if end <= size:
+                if want == BODY and length - 4 <= limit:
+                    out.append((mtype, view[pos + 5 : end]))
+                elif want:
+                    out.append((mtype, None))
+                pos = end
+                continue
+            if want == BODY and length - 4 <= limit:
+                self._buf += view[pos:]
+                self._need = end - size
+            else:
+                if want:
+                    out.append((mtype, None))
+                self._skip = end - size
+            break
+        return out
+
+    def _continue_partial(
+        self, view: memoryview, pos: int, out: list[tuple[int, memoryview | None]]
+    ) -> int:
+        """Completes the held message from the chunk's start; returns where framing resumes."""
+        buf = self._buf
+        if not self._need:  # only part of a header was held: complete the header first
+            take = min(5 - len(buf), len(view) - pos)
+            buf += view[pos : pos + take]
+            pos += take
+            if len(buf) < 5:
+                return pos
+            mtype, length = _HEADER.unpack_from(buf, 0)
+            if length < 4 or length > self.max_length:
+                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
+            want = self.interest[mtype]
+            if want != BODY or length - 4 > self.inspect_limit:
+                if want:
+                    out.append((mtype, None))
+                buf.clear()
+                remaining = length - 4
+                take = min(remaining, len(view) - pos)
+                self._skip = remaining - take
+                return pos + take
+            self._need = length - 4
+            if not self._need:
+                out.append((mtype, memoryview(bytes(buf[5:]))))
+                buf.clear()
+                return pos
+        take = min(self._need, len(view) - pos)
+        buf += view[pos : pos + take]
+        self._need -= take
+        pos += take
+        if not self._need:
+            out.append((buf[0], memoryview(bytes(buf[5:]))))
+            buf.clear()
+        return pos

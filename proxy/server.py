@@ -1,0 +1,177 @@
+"""The listener: accepts clients, routes cancel requests, drains on SIGTERM, reloads on SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+import time
+from collections.abc import Callable
+
+from proxy import upstream
+from proxy.admin import AdminServer
+from proxy.config import ConfigError, Settings
+from proxy.logs import get_logger
+from proxy.metrics import Metrics
+from proxy.protocol.startup import CancelRequest
+from proxy.session import Session
+
+__all__ = ["ProxyServer", "server_ssl_context"]
+
+log = get_logger("pgwarden.server")
+
+_CANCEL_LIMIT = 64  # cancel requests in flight at once; more are dropped (and logged)
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context for client connections, when tls.cert and tls.key are set."""
+    if not settings.tls.enabled:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls.cert, settings.tls.key)  # type: ignore[arg-type]
+    return ctx
+
+
+class ProxyServer:
+    """Owns the listening socket, the admin HTTP server and every live session."""
+
+    def __init__(self, settings: Settings, *, reload: Callable[[], Settings] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.server_tls = server_ssl_context(settings)
+        self.draining = False
+        self.sessions: set[Session] = set()
+        self._by_key: dict[tuple[int, bytes], Session] = {}
+        self._reload = reload
+        self._listener: asyncio.Server | None = None
+        self._admin = AdminServer(self)
+        self._cancels: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self._drain_task: asyncio.Future[None] | None = None
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        addr = self.settings.listen
+        self._listener = await loop.create_server(
+            self._accept, addr.host, addr.port, reuse_address=True, backlog=1024
+        )
+        await self._admin.start(self.settings.admin.listen)
+        log.info(
+            "listening",
+            listen=str(addr),
+            upstream=str(self.settings.upstream.address),
+            admin=str(self.settings.admin.listen),
+            tls=self.server_tls is not None,
+            config=self.settings.source,
+        )
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def request_shutdown(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """Stop accepting, let open transactions finish up to drain_timeout, then close."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        timeout = self.settings.shutdown.drain_timeout
+        log.info("draining", sessions=len(self.sessions), drain_timeout_s=float(timeout))
+        if self._listener is not None:
+            self._listener.close()
+        for session in list(self.sessions):
+            session.begin_drain()
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = len(self.sessions)
+        for session in list(self.sessions):
+            session.terminate("drain_timeout")
+        if self._cancels:
+            await asyncio.wait(self._cancels, timeout=2.0)
+        await self._admin.stop()
+        log.info("stopped", closed_at_deadline=left)
+        self._stopped.set()
+
+    def reload(self) -> None:
+        """Swaps in a freshly loaded config; a bad file keeps the running one."""
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return
+        for key in ("listen", "admin"):
+            if getattr(new, key) != getattr(self.settings, key):
+                log.warning("reload_needs_restart", key=key)
+        try:
+            self.server_tls = server_ssl_context(new)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload_failed", error=f"tls: {exc}")
+            return
+        self.settings = new
+        log.info("reloaded", config=new.source)
+
+    # --------------------------------------------------------------- sessions
+
+    def _accept(self) -> Session:
+        over = len(self.sessions) >= self.settings.limits.max_client_connections
+        session = Session(self, rejected=over)
+        self.sessions.add(session)
+        return session
+
+    def session_ready(self, session: Session) -> None:
+        if session.backend_key is not None:
+            self._by_key[session.backend_key] = session
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if session.backend_key is not None and self._by_key.get(session.backend_key) is session:
+            del self._by_key[session.backend_key]
+
+    def forward_cancel(self, request: CancelRequest) -> None:
+        """Sends a cancel for a backend one of our sessions owns; others are ignored."""
+        session = self._by_key.get((request.process_id, request.secret_key))
+        if session is None:
+            # Unknown keys are dropped, as PostgreSQL does, so the port cannot be used to
+            # probe for or cancel backends of other clients.
+            log.info("cancel_ignored", reason="unknown backend key")
+            return
+        if len(self._cancels) >= _CANCEL_LIMIT:
+            log.warning("cancel_dropped", reason="too many cancel requests in flight")
+            return
+        task = asyncio.ensure_future(self._send_cancel(request, session.settings))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _send_cancel(self, request: CancelRequest, settings: Settings) -> None:
+        try:
+            await upstream.send_cancel(settings.upstream, request.process_id, request.secret_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cancel_failed", error=str(exc))
+
+    async def upstream_answers(self, timeout: float = 1.0) -> bool:
+        """Whether a TCP connection to the upstream opens within `timeout` seconds."""
+        addr = self.settings.upstream.address
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(addr.host, addr.port), timeout
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True

@@ -1,0 +1,484 @@
+"""One client connection and its upstream connection.
+
+The session is the client's asyncio Protocol; `_Upstream` is the server side's. Bytes from
+the server are written to the client first and inspected after; bytes from the client are
+framed (which validates them) and then written as received. Either side's transport
+filling up pauses reading on the other side, so a slow reader gets backpressure instead
+of a growing buffer.
+
+Phases: STARTUP (untyped packets, TLS), CONNECTING (upstream being opened), AUTH
+(authentication relayed message by message, so the SASL mechanism list can be edited),
+READY (bytes relayed in whole chunks), CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ssl
+import time
+from typing import TYPE_CHECKING, Protocol, cast
+
+from proxy import upstream
+from proxy.logs import get_logger
+from proxy.protocol import messages as m
+from proxy.protocol.framing import FrameDecoder, ProtocolViolation
+from proxy.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    read_startup_packet,
+)
+from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
+    from proxy.metrics import Metrics
+
+__all__ = ["Phase", "Session", "SessionHost"]
+
+log = get_logger("pgwarden.session")
+
+_AUTH_INTEREST = bytes([2]) * 256  # every message whole while authenticating
+_PENDING_LIMIT = 1 << 16  # client bytes held while the upstream connection opens
+_SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+
+
+class SessionHost(Protocol):
+    """What a session needs from the listener that accepted it."""
+
+    settings: Settings
+    metrics: Metrics
+    server_tls: ssl.SSLContext | None
+
+    def session_ready(self, session: Session) -> None: ...
+    def session_closed(self, session: Session) -> None: ...
+    def forward_cancel(self, request: CancelRequest) -> None: ...
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"
+    CONNECTING = "connecting"
+    AUTH = "auth"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, host: SessionHost, *, rejected: bool = False) -> None:
+        self.host = host
+        self.settings = host.settings
+        self.metrics = host.metrics
+        self.rejected = rejected
+        self.phase = Phase.STARTUP
+        self.client: asyncio.Transport | None = None
+        self.server: asyncio.Transport | None = None
+        self.peer = "?"
+        self.tls = False
+        self.parameters: dict[str, str] = {}
+        self.backend_key: tuple[int, bytes] | None = None
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_reason = ""
+        self.draining = False
+        self.round_trips = RoundTrips()
+        limits = self.settings.limits
+        self._startup_buf = bytearray()
+        self._startup_raw = b""
+        self._client_frames = FrameDecoder(
+            CLIENT_INTEREST, inspect_limit=0, max_length=limits.max_message_size
+        )
+        self._server_frames = FrameDecoder(
+            _AUTH_INTEREST, max_length=limits.max_message_size, inspect_limit=1 << 20
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def user(self) -> str:
+        return self.parameters.get("user", "")
+
+    @property
+    def database(self) -> str:
+        return self.parameters.get("database") or self.user
+
+    @property
+    def application_name(self) -> str:
+        return self.parameters.get("application_name", "")
+
+    def _identity(self) -> dict[str, object]:
+        return {
+            "client": self.peer,
+            "user": self.user or None,
+            "database": self.database or None,
+            "application_name": self.application_name or None,
+        }
+
+    # ------------------------------------------------------------ client protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = self.client.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.metrics.client_connections.inc()
+        self.metrics.client_connections_opened.inc()
+        timeout = self.settings.limits.startup_timeout
+        if timeout:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._startup_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.READY or self.phase is Phase.AUTH:
+            try:
+                frames = self._client_frames.feed(data)
+            except ProtocolViolation as exc:
+                self._protocol_violation("client", exc)
+                return
+            assert self.server is not None
+            self.server.write(data)
+            self.bytes_in += len(data)
+            self.metrics.bytes_from_client.inc(len(data))
+            if frames:
+                self.round_trips.client(frames)
+        elif self.phase is Phase.STARTUP:
+            self._startup_buf += data
+            self._read_startup()
+        elif self.phase is Phase.CONNECTING:
+            self._startup_buf += data
+            if len(self._startup_buf) > _PENDING_LIMIT:
+                self._protocol_violation(
+                    "client", ProtocolViolation("too much data before authentication")
+                )
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost does the cleanup
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client = None
+        if self.phase is not Phase.CLOSED:
+            self._close(self.close_reason or ("client_error" if exc else "client_closed"))
+
+    def pause_writing(self) -> None:
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    # ------------------------------------------------------------------ startup
+
+    def _read_startup(self) -> None:
+        while self.phase is Phase.STARTUP and self._startup_buf:
+            try:
+                packet, used = read_startup_packet(self._startup_buf)
+            except ProtocolViolation as exc:
+                self._protocol_violation("client", exc)
+                return
+            if packet is None:
+                return
+            raw = bytes(self._startup_buf[:used])
+            del self._startup_buf[:used]
+            if isinstance(packet, SSLRequest | GSSENCRequest):
+                if self._startup_buf:
+                    # Bytes sent before our answer would be taken as if encrypted (CVE-2021-23214).
+                    self._protocol_violation(
+                        "client", ProtocolViolation("received unencrypted data after SSL request")
+                    )
+                    return
+                if isinstance(packet, SSLRequest) and self.host.server_tls and not self.tls:
+                    self._write_client(b"S")
+                    self._connect_task = asyncio.ensure_future(self._start_client_tls())
+                    return
+                self._write_client(b"N")
+            elif isinstance(packet, CancelRequest):
+                self.host.forward_cancel(packet)
+                self._close("cancel_request")
+                return
+            else:
+                assert isinstance(packet, StartupMessage)
+                self._startup(packet, raw)
+
+    async def _start_client_tls(self) -> None:
+        assert self.client is not None and self.host.server_tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.client, self, self.host.server_tls, server_side=True
+            )
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            self.metrics.connection_errors["tls"].inc()
+            log.warning("client_tls_failed", error=str(exc), **self._identity())
+            self._close("tls_failed")
+            return
+        if transport is None or self.phase is Phase.CLOSED:
+            return
+        self.client = transport
+        self.tls = True
+
+    def _startup(self, packet: StartupMessage, raw: bytes) -> None:
+        self.parameters = packet.parameters
+        if self.rejected:
+            self.metrics.connection_errors["too_many_connections"].inc()
+            self._fail("53300", "sorry, too many clients already", "too_many_connections")
+            return
+        if getattr(self.host, "draining", False):
+            self._fail("57P03", "the database system is shutting down", "draining")
+            return
+        self._startup_raw = raw
+        self.phase = Phase.CONNECTING
+        self._connect_task = asyncio.ensure_future(self._connect_upstream())
+
+    async def _connect_upstream(self) -> None:
+        began = time.perf_counter()
+        try:
+            transport, _ = await upstream.connect(self.settings.upstream, lambda: _Upstream(self))
+        except upstream.UpstreamError as exc:
+            self.metrics.connection_errors["upstream_connect"].inc()
+            log.warning("upstream_connect_failed", error=str(exc), **self._identity())
+            self._fail("08001", f"pgwarden: {exc}", "upstream_connect_failed")
+            return
+        if self.phase is not Phase.CONNECTING:  # the client left meanwhile
+            transport.close()
+            return
+        self.metrics.upstream_connect_duration.observe(time.perf_counter() - began)
+        self.server = transport  # type: ignore[assignment]
+        self.metrics.server_connections.inc()
+        self.phase = Phase.AUTH
+        transport.write(self._startup_raw)
+        if self._startup_buf:
+            pending = bytes(self._startup_buf)
+            self._startup_buf.clear()
+            self.data_received(pending)
+
+    # ------------------------------------------------------------ server side
+
+    def server_data(self, data: bytes) -> None:
+        if self.phase is Phase.READY:
+            client = self.client
+            if client is not None:
+                client.write(data)
+            self.bytes_out += len(data)
+            self.metrics.bytes_from_server.inc(len(data))
+            try:
+                frames = self._server_frames.feed(data)
+            except ProtocolViolation as exc:
+                self._protocol_violation("server", exc)
+                return
+            if frames and self.round_trips.server(frames) and self.draining:
+                self._drain_if_idle()
+        elif self.phase is Phase.AUTH:
+            self._server_auth_data(data)
+
+    def _server_auth_data(self, data: bytes) -> None:
+        """Relays authentication message by message, editing only the SASL mechanism list."""
+        try:
+            frames = self._server_frames.feed(data)
+        except ProtocolViolation as exc:
+            self._protocol_violation("server", exc)
+            return
+        out: list[bytes] = []
+        for index, (mtype, body) in enumerate(frames):
+            if body is None:
+                self._protocol_violation(
+                    "server", ProtocolViolation("oversized message during authentication")
+                )
+                return
+            raw = m.frame(bytes((mtype,)), body)
+            if mtype == 0x52:  # Authentication*
+                raw = _strip_channel_binding(body) or raw
+            elif mtype == 0x4B:  # BackendKeyData
+                key = m.BackendKeyData.decode(body)
+                self.backend_key = (key.process_id, key.secret_key)
+            elif mtype == 0x45:  # ErrorResponse: authentication failed; the server will close
+                self.round_trips.fatal_seen = True
+            elif mtype == 0x5A:  # ReadyForQuery: authenticated, switch to relaying chunks
+                out.append(raw)
+                self.round_trips.server(frames[index:])
+                for later_type, later_body in frames[index + 1 :]:
+                    out.append(m.frame(bytes((later_type,)), later_body or b""))
+                self._write_client(b"".join(out))
+                self.bytes_out += len(data)
+                self._become_ready()
+                return
+            out.append(raw)
+        if out:
+            self._write_client(b"".join(out))
+        self.bytes_out += len(data)
+
+    def _become_ready(self) -> None:
+        self.phase = Phase.READY
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # A message split across the chunk boundary stays held for inspection; its first
+        # part has not reached the client yet, so it goes now and the rest flows raw.
+        held = self._server_frames.held
+        if held:
+            self._write_client(held)
+        self._server_frames.interest = SERVER_INTEREST
+        self._server_frames.inspect_limit = 1 << 16
+        self.host.session_ready(self)
+        log.info("connection_opened", tls=self.tls, **self._identity())
+
+    def server_lost(self, exc: Exception | None) -> None:
+        self.server = None
+        self.metrics.server_connections.dec()
+        if self.phase is Phase.CLOSED:
+            return
+        if self.round_trips.fatal_seen or self.round_trips.terminated:
+            self._close("server_closed")
+            return
+        self.metrics.connection_errors["upstream_lost"].inc()
+        log.warning(
+            "upstream_lost", error=str(exc) if exc else "connection closed", **self._identity()
+        )
+        self._fail(
+            "08006",
+            "pgwarden: lost the connection to the upstream PostgreSQL server",
+            "upstream_lost",
+        )
+
+    # --------------------------------------------------------------- draining
+
+    def begin_drain(self) -> None:
+        """Close once no transaction is open; sessions not yet authenticated close now."""
+        self.draining = True
+        if self.phase is Phase.READY:
+            self._drain_if_idle()
+        elif self.phase is not Phase.CLOSED:
+            self._fail("57P03", "the database system is shutting down", "draining")
+
+    def _drain_if_idle(self) -> None:
+        if self.round_trips.idle:
+            self._fail(
+                "57P01",
+                "terminating connection due to administrator command (pgwarden is shutting down)",
+                "drained",
+            )
+
+    def terminate(self, reason: str) -> None:
+        """Ends the session now, whatever it is doing."""
+        self._fail("57P01", "terminating connection due to administrator command", reason)
+
+    # -------------------------------------------------------------- ending
+
+    def _startup_expired(self) -> None:
+        self._timer = None
+        if self.phase in (Phase.STARTUP, Phase.CONNECTING, Phase.AUTH):
+            self.metrics.connection_errors["startup_timeout"].inc()
+            log.warning("startup_timeout", phase=self.phase.value, **self._identity())
+            self._fail("08P01", "pgwarden: startup did not complete in time", "startup_timeout")
+
+    def _protocol_violation(self, side: str, exc: ProtocolViolation) -> None:
+        self.metrics.connection_errors["protocol_violation"].inc()
+        log.warning("protocol_violation", side=side, error=str(exc), **self._identity())
+        if side == "client":
+            self._fail("08P01", f"pgwarden: {exc}", "protocol_violation")
+        else:
+            self._fail(
+                "08P01", "pgwarden: invalid data from the upstream server", "protocol_violation"
+            )
+
+    def _fail(self, sqlstate: str, message: str, reason: str) -> None:
+        """Sends a FATAL error where the client can read one, then closes both sides."""
+        if self.phase is Phase.CLOSED:
+            return
+        if self.client is not None and self._server_frames.at_boundary and not self._tls_pending:
+            error = m.ErrorResponse.build("FATAL", sqlstate, message)
+            self._write_client(error.encode())
+        self._close(reason)
+
+    @property
+    def _tls_pending(self) -> bool:
+        task = self._connect_task
+        return (
+            self.phase is Phase.STARTUP
+            and task is not None
+            and not task.done()
+            and self.host.server_tls is not None
+        )
+
+    def _close(self, reason: str) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        was_ready = self.phase is Phase.READY
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        server = self.server
+        if server is not None:
+            if self.round_trips.busy and self.backend_key and not self.round_trips.terminated:
+                # PostgreSQL only notices a vanished client when it next writes; cancel now.
+                self.metrics.cancel_requests.labels("client_gone").inc()
+                self.host.forward_cancel(CancelRequest(*self.backend_key))
+            elif was_ready and self._client_frames.at_boundary and not self.round_trips.terminated:
+                server.write(m.Terminate().encode())
+            server.close()
+        if self.client is not None:
+            self.client.close()
+        self.metrics.client_connections.dec()
+        duration = time.monotonic() - self.started
+        self.metrics.connection_duration.observe(duration)
+        self.host.session_closed(self)
+        if self.parameters or reason not in ("client_closed", "cancel_request"):
+            log.info(
+                "connection_closed",
+                reason=reason,
+                duration_s=round(duration, 3),
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                **self._identity(),
+            )
+
+    def _write_client(self, data: bytes) -> None:
+        if self.client is not None and not self.client.is_closing():
+            self.client.write(data)
+
+
+class _Upstream(asyncio.Protocol):
+    """The server side's protocol: hands everything to the session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        self.session.server_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.server_lost(exc)
+
+    def pause_writing(self) -> None:
+        client = self.session.client
+        if client is not None:
+            client.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.session.client
+        if client is not None:
+            client.resume_reading()
+
+
+def _strip_channel_binding(body: memoryview) -> bytes | None:
+    """AuthenticationSASL without SCRAM-SHA-256-PLUS: channel binding cannot cross a proxy.
+
+    Returns the re-encoded message, or None when nothing had to change.
+    """
+    request = m.AuthenticationRequest.decode(body)
+    if request.code != m.AUTH_SASL or _SCRAM_PLUS not in request.mechanisms:
+        return None
+    kept = tuple(x for x in request.mechanisms if x != _SCRAM_PLUS)
+    return m.AuthenticationRequest.sasl(kept).encode()

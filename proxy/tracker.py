@@ -1,0 +1,69 @@
+"""Follows the protocol's round trips so the session knows when the connection is idle.
+
+A round trip opens with a Query, Sync or FunctionCall and closes with the ReadyForQuery
+it earns; extended-protocol messages sent without a Sync yet also count as work in
+flight. Drain, client-disconnect cancellation and (later) statement attribution all rest
+on this bookkeeping.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol.framing import interest_table
+
+__all__ = ["CLIENT_INTEREST", "SERVER_INTEREST", "RoundTrips"]
+
+_OPENS_ROUND_TRIP = frozenset(b"QSF")
+_EXTENDED = frozenset(b"PBEDCH")
+
+CLIENT_INTEREST = interest_table(type_only=b"QSFXPBEDCHdcf")
+SERVER_INTEREST = interest_table(body=b"ZE")
+
+
+class RoundTrips:
+    __slots__ = ("awaiting", "fatal_seen", "status", "terminated", "unsynced")
+
+    def __init__(self) -> None:
+        self.awaiting = 0  # ReadyForQuery messages the server still owes
+        self.unsynced = False  # extended-protocol messages sent since the last Sync
+        self.status = b"I"  # transaction status from the last ReadyForQuery
+        self.terminated = False  # the client sent Terminate
+        self.fatal_seen = False  # the server sent a FATAL or PANIC error
+
+    def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
+        for mtype, _ in frames:
+            if mtype in _OPENS_ROUND_TRIP:
+                self.awaiting += 1
+                if mtype == 0x53:  # Sync
+                    self.unsynced = False
+            elif mtype in _EXTENDED:
+                self.unsynced = True
+            elif mtype == 0x58:  # Terminate
+                self.terminated = True
+
+    def server(self, frames: list[tuple[int, memoryview | None]]) -> bool:
+        """Updates from server frames; True when a ReadyForQuery passed."""
+        ready = False
+        for mtype, body in frames:
+            if mtype == 0x5A and body is not None:  # ReadyForQuery
+                self.status = bytes(body[:1])
+                if self.awaiting:
+                    self.awaiting -= 1
+                ready = True
+            elif mtype == 0x45 and body is not None and _is_fatal(body):
+                self.fatal_seen = True
+        return ready
+
+    @property
+    def idle(self) -> bool:
+        """Nothing owed by the server, nothing pending from the client, no transaction open."""
+        return not self.awaiting and not self.unsynced and self.status == b"I"
+
+    @property
+    def busy(self) -> bool:
+        """A statement may be running on the server right now."""
+        return bool(self.awaiting) or self.unsynced
+
+
+def _is_fatal(body: memoryview) -> bool:
+    raw = bytes(body)
+    return b"SFATAL\0" in raw or b"SPANIC\0" in raw
