@@ -1,0 +1,1 @@
+"""Helpers for the tests: the PostgreSQL server interface, waiting, pgwarden as a process."""
