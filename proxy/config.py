@@ -139,6 +139,44 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class AnalysisSettings:
+    enabled: bool = True
+    cache_size: int = field(default=10000, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class NPlusOneSettings:
+    enabled: bool = True
+    min_repeats: int = field(default=5, metadata={"minimum": 2})
+
+
+@dataclass(frozen=True)
+class InsertLoopSettings:
+    enabled: bool = True
+    min_repeats: int = field(default=10, metadata={"minimum": 2})
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    n_plus_one: NPlusOneSettings = NPlusOneSettings()
+    insert_loop: InsertLoopSettings = InsertLoopSettings()
+
+    def enabled(self) -> dict[str, dict[str, Any]]:
+        """Options of each enabled detector, by rule id."""
+        out = {}
+        for f in dataclasses.fields(self):
+            options = dataclasses.asdict(getattr(self, f.name))
+            if options.pop("enabled"):
+                out[f.name] = options
+        return out
+
+
+@dataclass(frozen=True)
+class AdviceSettings:
+    repeat_interval: Duration = Duration(600.0)
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: Address = Address("127.0.0.1", 6432)
     upstream: UpstreamSettings = UpstreamSettings()
@@ -147,6 +185,9 @@ class Settings:
     shutdown: ShutdownSettings = ShutdownSettings()
     limits: LimitSettings = LimitSettings()
     logging: LoggingSettings = LoggingSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    detectors: DetectorSettings = DetectorSettings()
+    advice: AdviceSettings = AdviceSettings()
     source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,9 +6,19 @@ plain method call and no label lookup.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.advice import Advice
+    from proxy.analysis.analyzer import Analyzer
+    from proxy.statements import StatementEvent
 
 __all__ = ["Metrics"]
 
@@ -19,6 +29,65 @@ CONNECTION_ERROR_KINDS = (
     "upstream_connect",
     "upstream_lost",
     "tls",
+)
+# Commands get their own series; anything else (including text pglast could not parse,
+# whose first word is arbitrary) counts as OTHER, so the label set stays bounded.
+COMMANDS = frozenset(
+    [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "MERGE",
+        "COPY",
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT",
+        "RELEASE",
+        "SET",
+        "SHOW",
+        "EXPLAIN",
+        "CALL",
+        "DO",
+        "LISTEN",
+        "NOTIFY",
+        "UNLISTEN",
+        "TRUNCATE",
+        "DROP",
+        "CREATE",
+        "ALTER",
+        "VACUUM",
+        "LOCK",
+        "PREPARE",
+        "EXECUTE",
+        "DEALLOCATE",
+        "DECLARE",
+        "FETCH",
+        "CLOSE",
+        "EMPTY",
+    ]
+)
+_MAX_SQLSTATES = 100
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
 )
 
 
@@ -75,3 +144,75 @@ class Metrics:
         self.draining = Gauge(
             "pgwarden_draining", "1 while pgwarden drains before shutdown", registry=r
         )
+        self._queries = Counter(
+            "pgwarden_queries", "Statements completed, by command", ["command"], registry=r
+        )
+        self._durations = Histogram(
+            "pgwarden_query_duration_seconds",
+            "Statement duration as seen by pgwarden, by command",
+            ["command"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._errors = Counter(
+            "pgwarden_errors",
+            "Statements that ended in an error, by SQLSTATE",
+            ["sqlstate"],
+            registry=r,
+        )
+        self._advice = Counter(
+            "pgwarden_advice",
+            "Advice reported, by rule and severity",
+            ["rule", "severity"],
+            registry=r,
+        )
+        self._by_command: dict[str, tuple[object, object]] = {}
+        self._by_sqlstate: dict[str, object] = {}
+
+    def record_statement(self, event: StatementEvent) -> None:
+        command = event.info.command
+        children = self._by_command.get(command)
+        if children is None:
+            label = command if command in COMMANDS else "OTHER"
+            children = (self._queries.labels(label), self._durations.labels(label))
+            self._by_command[command] = children
+        children[0].inc()  # type: ignore[attr-defined]
+        children[1].observe(event.duration)  # type: ignore[attr-defined]
+        if event.sqlstate and event.sqlstate != "skipped":
+            self.record_error(event.sqlstate)
+
+    def record_error(self, sqlstate: str) -> None:
+        child = self._by_sqlstate.get(sqlstate)
+        if child is None:
+            label = sqlstate if len(self._by_sqlstate) < _MAX_SQLSTATES else "other"
+            child = self._by_sqlstate[sqlstate] = self._errors.labels(label)
+        child.inc()  # type: ignore[attr-defined]
+
+    def record_advice(self, advice: Advice) -> None:
+        self._advice.labels(advice.rule, advice.severity).inc()
+
+    def watch_analyzer(self, analyzer: Analyzer) -> None:
+        """Exposes the statement cache's counters, read at scrape time."""
+        self.registry.register(_AnalyzerCollector(analyzer))
+
+
+class _AnalyzerCollector(Collector):
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+
+    def collect(self) -> Iterator[Metric]:
+        a = self.analyzer
+        yield CounterMetricFamily(
+            "pgwarden_analyzer_cache_hits", "Statement analyses served from the cache", a.hits
+        )
+        yield CounterMetricFamily(
+            "pgwarden_analyzer_cache_misses", "Statements analysed with pglast", a.misses
+        )
+        yield CounterMetricFamily(
+            "pgwarden_statements_unparsed",
+            "Statements relayed that pglast could not parse (or too long to analyse)",
+            a.unparsed,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

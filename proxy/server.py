@@ -10,8 +10,11 @@ import time
 from collections.abc import Callable
 
 from proxy import upstream
-from proxy.admin import AdminServer
+from proxy.admin import AdminServer, json_response
+from proxy.advice import AdviceSink
+from proxy.analysis.analyzer import Analyzer
 from proxy.config import ConfigError, Settings
+from proxy.inspector import Analysis
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.startup import CancelRequest
@@ -46,7 +49,15 @@ class ProxyServer:
         self._by_key: dict[tuple[int, bytes], Session] = {}
         self._reload = reload
         self._listener: asyncio.Server | None = None
+        self.sink = AdviceSink(
+            settings.advice.repeat_interval, on_report=self.metrics.record_advice
+        )
+        self.analyzer = Analyzer(settings.analysis.cache_size)
+        self.metrics.watch_analyzer(self.analyzer)
+        self.analysis: Analysis | None = None
+        self._configure_analysis(settings)
         self._admin = AdminServer(self)
+        self._admin.route("/advice", self._advice)
         self._cancels: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Future[None] | None = None
@@ -122,7 +133,22 @@ class ProxyServer:
             log.error("reload_failed", error=f"tls: {exc}")
             return
         self.settings = new
+        self._configure_analysis(new)
         log.info("reloaded", config=new.source)
+
+    def _configure_analysis(self, settings: Settings) -> None:
+        """New sessions pick up analysis and detector settings; running ones keep theirs."""
+        self.sink.repeat_interval = settings.advice.repeat_interval
+        if not settings.analysis.enabled:
+            self.analysis = None
+            return
+        self.analyzer.resize(settings.analysis.cache_size)
+        self.analysis = Analysis(
+            self.analyzer, self.sink, self.metrics, settings.detectors.enabled()
+        )
+
+    async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        return json_response(200, {"advice": self.sink.snapshot()})
 
     # --------------------------------------------------------------- sessions
 

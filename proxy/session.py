@@ -19,7 +19,9 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Protocol, cast
 
-from proxy import upstream
+from proxy import statements, upstream
+from proxy.detectors import SessionIdentity
+from proxy.inspector import Analysis, Inspector
 from proxy.logs import get_logger
 from proxy.protocol import messages as m
 from proxy.protocol.framing import FrameDecoder, ProtocolViolation
@@ -51,6 +53,7 @@ class SessionHost(Protocol):
     settings: Settings
     metrics: Metrics
     server_tls: ssl.SSLContext | None
+    analysis: Analysis | None
 
     def session_ready(self, session: Session) -> None: ...
     def session_closed(self, session: Session) -> None: ...
@@ -84,6 +87,7 @@ class Session(asyncio.Protocol):
         self.close_reason = ""
         self.draining = False
         self.round_trips = RoundTrips()
+        self.inspector: Inspector | None = None
         limits = self.settings.limits
         self._startup_buf = bytearray()
         self._startup_raw = b""
@@ -144,6 +148,8 @@ class Session(asyncio.Protocol):
             self.metrics.bytes_from_client.inc(len(data))
             if frames:
                 self.round_trips.client(frames)
+                if self.inspector is not None:
+                    self.inspector.client(frames)
         elif self.phase is Phase.STARTUP:
             self._startup_buf += data
             self._read_startup()
@@ -269,8 +275,11 @@ class Session(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._protocol_violation("server", exc)
                 return
-            if frames and self.round_trips.server(frames) and self.draining:
-                self._drain_if_idle()
+            if frames:
+                if self.inspector is not None:
+                    self.inspector.server(frames)
+                if self.round_trips.server(frames) and self.draining:
+                    self._drain_if_idle()
         elif self.phase is Phase.AUTH:
             self._server_auth_data(data)
 
@@ -320,8 +329,16 @@ class Session(asyncio.Protocol):
         held = self._server_frames.held
         if held:
             self._write_client(held)
-        self._server_frames.interest = SERVER_INTEREST
         self._server_frames.inspect_limit = 1 << 16
+        analysis = self.host.analysis
+        if analysis is not None:
+            identity = SessionIdentity(self.user, self.database, self.application_name)
+            self.inspector = Inspector(analysis, identity)
+            self._server_frames.interest = statements.SERVER_INTEREST
+            self._client_frames.interest = statements.CLIENT_INTEREST
+            self._client_frames.inspect_limit = analysis.analyzer.max_statement_length * 4
+        else:
+            self._server_frames.interest = SERVER_INTEREST
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self._identity())
 
@@ -425,6 +442,9 @@ class Session(asyncio.Protocol):
             server.close()
         if self.client is not None:
             self.client.close()
+        if self.inspector is not None:
+            self.inspector.close()
+            self.inspector = None
         self.metrics.client_connections.dec()
         duration = time.monotonic() - self.started
         self.metrics.connection_duration.observe(duration)

@@ -82,20 +82,22 @@ class _Reader:
         self.buf = bytes(body)
         self.pos = 0
 
-    def int16(self) -> int:
-        value = _I16.unpack_from(self.buf, self.pos)[0]
-        self.pos += 2
+    def _fixed(self, layout: struct.Struct) -> int:
+        # checked here: unpack_from on a short buffer raises struct.error, not ValueError
+        if self.pos + layout.size > len(self.buf):
+            raise ValueError("message too short")
+        value = layout.unpack_from(self.buf, self.pos)[0]
+        self.pos += layout.size
         return value
+
+    def int16(self) -> int:
+        return self._fixed(_I16)
 
     def int32(self) -> int:
-        value = _I32.unpack_from(self.buf, self.pos)[0]
-        self.pos += 4
-        return value
+        return self._fixed(_I32)
 
     def uint32(self) -> int:
-        value = _U32.unpack_from(self.buf, self.pos)[0]
-        self.pos += 4
-        return value
+        return self._fixed(_U32)
 
     def byte(self) -> bytes:
         if self.pos >= len(self.buf):
@@ -494,7 +496,7 @@ class CommandComplete(_Message):
     def rows(self) -> int | None:
         """Rows affected or returned, when the tag carries a count."""
         last = self.tag.rsplit(" ", 1)[-1]
-        return int(last) if last.isdigit() and " " in self.tag else None
+        return int(last) if last.isascii() and last.isdigit() and " " in self.tag else None
 
 
 @dataclass(frozen=True, slots=True)

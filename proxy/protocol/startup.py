@@ -120,12 +120,18 @@ def _parameters(body: bytes) -> dict[str, str]:
     if not body.endswith(b"\0"):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     # every key and value ends in NUL, and one more NUL ends the list
-    items = body[:-1].split(b"\0")[:-1]
+    *items, last = body[:-1].split(b"\0")
+    if last:  # the list terminator is missing: the final NUL ended a key or value
+        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     if len(items) % 2:
         raise ProtocolViolation("invalid startup packet layout: missing value")
     params = {}
     for key, value in zip(items[::2], items[1::2], strict=True):
+        if not key:  # PostgreSQL takes an empty name for the terminator, then finds bytes after it
+            raise ProtocolViolation(
+                "invalid startup packet layout: expected terminator as last byte"
+            )
         params[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-    if "user" not in params:
+    if not params.get("user"):
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
     return params

@@ -1,0 +1,1 @@
+"""Statement analysis with pglast."""

@@ -1,0 +1,9 @@
+"""Detectors, one module per rule; adding a rule means adding a module and a line here."""
+
+from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.insert_loop import InsertLoop
+from proxy.detectors.n_plus_one import NPlusOne
+
+__all__ = ["DETECTORS", "Detector", "SessionIdentity"]
+
+DETECTORS: dict[str, type[Detector]] = {cls.rule: cls for cls in (NPlusOne, InsertLoop)}

@@ -1,0 +1,52 @@
+"""The narrow interface every detector implements, and what it is told about its session.
+
+A detector instance belongs to one client session: it sees that session's finished
+statements in order and may return advice, and is told when the session ends so it can
+report a burst still open. It keeps only bounded state and never touches I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from proxy.advice import Advice
+from proxy.statements import StatementEvent
+
+__all__ = ["Detector", "SessionIdentity"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionIdentity:
+    user: str
+    database: str
+    application_name: str
+
+
+class Detector:
+    rule: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+        self.options = {**self.defaults, **options}
+        self.identity = identity
+
+    def observe(self, event: StatementEvent) -> list[Advice]:
+        return []
+
+    def session_end(self) -> list[Advice]:
+        return []
+
+    def advice(self, event: StatementEvent, **fields: Any) -> Advice:
+        """Advice about `event`'s statement, identity filled in; values never included."""
+        info = event.info
+        return Advice(
+            rule=self.rule,
+            fingerprint=info.fingerprint,
+            statement=info.normalized,
+            tables=info.tables,
+            database=self.identity.database,
+            user=self.identity.user,
+            application_name=self.identity.application_name,
+            **fields,
+        )

@@ -1,0 +1,70 @@
+"""insert_loop: the same one-row INSERT run again and again in one transaction or burst."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from proxy.advice import Advice
+from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.bursts import Burst, Bursts
+from proxy.statements import StatementEvent
+from rewriters.batching import multirow_insert_sql
+
+__all__ = ["InsertLoop"]
+
+
+class InsertLoop(Detector):
+    rule: ClassVar[str] = "insert_loop"
+    defaults: ClassVar[dict[str, Any]] = {"min_repeats": 10}
+
+    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+        super().__init__(options, identity)
+        self.min_repeats = int(self.options["min_repeats"])
+        self._bursts: Bursts[Burst] = Bursts(Burst)
+
+    def observe(self, event: StatementEvent) -> list[Advice]:
+        info = event.info
+        if not info.single_row_insert or event.sqlstate is not None:
+            return self._judge(self._bursts.transaction_seen(event))
+        _, ended = self._bursts.add(event)
+        return self._judge(ended)
+
+    def session_end(self) -> list[Advice]:
+        return self._judge(self._bursts.close_all())
+
+    def _judge(self, bursts: list[Burst]) -> list[Advice]:
+        out = []
+        for burst in bursts:
+            if burst.count < self.min_repeats:
+                continue
+            event = burst.template
+            per_round_trip = burst.count / max(1, len(burst.round_trips))
+            pipelined = per_round_trip >= 2
+            table = event.info.tables[0] if event.info.tables else "the table"
+            types = {i + 1: oid for i, oid in enumerate(event.param_types)}
+            if pipelined:
+                suggestion = (
+                    f"{burst.count} single-row INSERTs into {table} were sent as a pipelined "
+                    "batch: the round trips are saved, but each row is still a statement. "
+                    "Insert all rows with one statement (suggested_sql, one array per column), "
+                    "or use COPY for bulk loads."
+                )
+            else:
+                suggestion = (
+                    f"{burst.count} single-row INSERTs into {table}, one round trip each. "
+                    "Insert all rows with one statement (suggested_sql, one array per column), "
+                    "or use COPY for bulk loads."
+                )
+            if burst.transaction is None:
+                suggestion += " Running them in one transaction also saves a commit per row."
+            out.append(
+                self.advice(
+                    event,
+                    severity="info" if pipelined else "warning",
+                    count=burst.count,
+                    suggestion=suggestion,
+                    suggested_sql=multirow_insert_sql(event.info.normalized, types),
+                    time_spent_s=burst.time_spent,
+                )
+            )
+        return out

@@ -1,0 +1,190 @@
+"""n_plus_one: one-row lookups repeated with the keys of an earlier result, or in one transaction.
+
+Proof, not suspicion: a burst of the same equality-lookup SELECT with different values,
+each in its own round trip, is reported when its values are found in one column of an
+earlier result on the same connection (the classic ORM lazy-load loop, reported with that
+source), or when it ran inside one transaction. Independent autocommit lookups of random
+keys, the shape of a pooled web connection, stay silent: nothing ties them together.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, ClassVar
+
+from proxy.advice import Advice
+from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.bursts import Burst, Bursts
+from proxy.detectors.values import canonical, literal_text
+from proxy.statements import ResultSample, StatementEvent
+from rewriters.batching import batched_lookup_sql
+
+__all__ = ["NPlusOne"]
+
+_MAX_SOURCES = 16  # latest multi-row result of this many fingerprints kept as sources
+_MAX_DISTINCT = 10_000
+
+
+class _Source:
+    """An earlier result whose column values may be the keys of a loop."""
+
+    __slots__ = ("_sets", "fingerprint", "sample", "statement")
+
+    def __init__(self, event: StatementEvent, sample: ResultSample) -> None:
+        self.fingerprint = event.info.fingerprint
+        self.statement = event.info.normalized
+        self.sample = sample
+        self._sets: list[set[str]] | None = None
+
+    def columns(self) -> list[set[str]]:
+        """Each column's values in comparable form, decoded on first use only."""
+        if self._sets is None:
+            sets: list[set[str]] = [set() for _ in self.sample.columns]
+            for index, column in enumerate(self.sample.columns):
+                for raw in self.sample.column_values(index):
+                    value = canonical(raw, column.format, column.type_oid)
+                    if value is not None:
+                        sets[index].add(value)
+            self._sets = sets
+        return self._sets
+
+
+class _LookupBurst(Burst):
+    __slots__ = ("distinct", "matches")
+
+    def __init__(self, event: StatementEvent) -> None:
+        super().__init__(event)
+        self.distinct: list[set[str]] = [set() for _ in event.info.lookups]
+        # (source fingerprint, source statement, column name, lookup index) -> matches
+        self.matches: dict[tuple[str, str, str, int], int] = {}
+
+
+class NPlusOne(Detector):
+    rule: ClassVar[str] = "n_plus_one"
+    defaults: ClassVar[dict[str, Any]] = {"min_repeats": 5}
+
+    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+        super().__init__(options, identity)
+        self.min_repeats = int(self.options["min_repeats"])
+        self._bursts: Bursts[_LookupBurst] = Bursts(_LookupBurst)
+        self._sources: OrderedDict[str, _Source] = OrderedDict()
+
+    def observe(self, event: StatementEvent) -> list[Advice]:
+        info = event.info
+        is_lookup = (
+            info.command == "SELECT"
+            and info.lookups
+            and not info.batched_lookup
+            and event.sqlstate is None
+        )
+        if is_lookup:
+            burst, ended = self._bursts.add(event)
+            self._record(burst, event)
+        else:
+            ended = self._bursts.transaction_seen(event)
+        self._keep_source(event)
+        return self._judge(ended)
+
+    def session_end(self) -> list[Advice]:
+        return self._judge(self._bursts.close_all())
+
+    # ------------------------------------------------------------------ state
+
+    def _keep_source(self, event: StatementEvent) -> None:
+        sample = event.result
+        if sample is None or len(sample.rows) < self.min_repeats or not sample.columns:
+            return
+        key = event.info.fingerprint
+        self._sources.pop(key, None)
+        self._sources[key] = _Source(event, sample)
+        if len(self._sources) > _MAX_SOURCES:
+            self._sources.popitem(last=False)
+
+    def _values(self, event: StatementEvent) -> list[str | None]:
+        params = event.params()
+        literals = event.parsed.literals
+        types = event.param_types
+        out: list[str | None] = []
+        for lookup in event.info.lookups:
+            index = lookup.param - 1
+            value: str | None = None
+            if params is not None and index < len(params):
+                raw, fmt = params[index]
+                value = canonical(raw, fmt, types[index] if index < len(types) else 0)
+            elif literals and index < len(literals):
+                value = literal_text(literals[index])
+            out.append(value)
+        return out
+
+    def _record(self, burst: _LookupBurst, event: StatementEvent) -> None:
+        fingerprint = event.info.fingerprint
+        for index, value in enumerate(self._values(event)):
+            if value is None:
+                continue
+            if len(burst.distinct[index]) < _MAX_DISTINCT:
+                burst.distinct[index].add(value)
+            for source in self._sources.values():
+                if source.fingerprint == fingerprint:
+                    continue
+                for col, values in enumerate(source.columns()):
+                    if value in values:
+                        name = source.sample.columns[col].name
+                        key = (source.fingerprint, source.statement, name, index)
+                        burst.matches[key] = burst.matches.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ verdict
+
+    def _judge(self, bursts: list[_LookupBurst]) -> list[Advice]:
+        out = []
+        for burst in bursts:
+            advice = self._verdict(burst)
+            if advice is not None:
+                out.append(advice)
+        return out
+
+    def _verdict(self, burst: _LookupBurst) -> Advice | None:
+        n = burst.count
+        if n < self.min_repeats or len(burst.round_trips) < self.min_repeats:
+            return None
+        event = burst.template
+        lookups = event.info.lookups
+        varying = max(range(len(lookups)), key=lambda i: len(burst.distinct[i]))
+        if len(burst.distinct[varying]) < self.min_repeats:
+            return None
+        source = None
+        if burst.matches:
+            key, hits = max(burst.matches.items(), key=lambda kv: kv[1])
+            if hits >= self.min_repeats and hits >= 0.8 * n:
+                source = key
+                varying = key[3]
+        if source is None and burst.transaction is None:
+            return None  # independent autocommit lookups: nothing proves a loop
+        lookup = lookups[varying]
+        table = lookup.table or (event.info.tables[0] if event.info.tables else "the table")
+        if source is not None:
+            suggestion = (
+                f"{n} lookups of {table} by {lookup.column}, one round trip each, using the "
+                f"{source[2]} values of an earlier query. Fetch them in one query: pass those "
+                f"values as one array to suggested_sql, or JOIN {table} into the query that "
+                "produced them (in an ORM, eager loading such as selectinload or joinedload)."
+            )
+        else:
+            suggestion = (
+                f"{n} lookups of {table} by {lookup.column} in one transaction, one round trip "
+                "each. Collect the keys and fetch all rows in one query: suggested_sql takes "
+                "them as one array."
+            )
+        severity = "critical" if n >= 20 * self.min_repeats else "warning"
+        return self.advice(
+            event,
+            severity=severity,
+            count=n,
+            suggestion=suggestion,
+            suggested_sql=batched_lookup_sql(event.info.normalized, lookup.param),
+            source=(
+                {"fingerprint": source[0], "statement": source[1], "column": source[2]}
+                if source
+                else None
+            ),
+            time_spent_s=burst.time_spent,
+        )

@@ -1,0 +1,398 @@
+"""StatementTracker: attributes every server reply to the statement that caused it.
+
+Follows the protocol exactly, with a queue of the replies the server owes, in the order the
+client asked for them: simple Query (several statements, an error ends the rest), the
+extended protocol with pipelining (Parse/Bind/Describe/Execute/Close/Sync, named
+statements and portals, everything after an error discarded until Sync), COPY both ways,
+and the transaction status of each ReadyForQuery. Statements are reported when their round
+trip ends, so each event knows how many statements shared the round trip and whether it
+ran inside a transaction.
+
+Sans-I/O: it sees decoded frames and a clock reading, nothing else. Parameter values are
+held in memory only, for the detectors, and never logged.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
+from proxy.protocol import messages as m
+from proxy.protocol.framing import interest_table
+
+__all__ = [
+    "CLIENT_INTEREST",
+    "SERVER_INTEREST",
+    "ResultSample",
+    "StatementEvent",
+    "StatementTracker",
+]
+
+CLIENT_INTEREST = interest_table(type_only=b"XHdcf", body=b"QPBEDCSF")
+SERVER_INTEREST = interest_table(type_only=b"123nsIGHWcV", body=b"ZECTDt")
+
+_MAX_PREPARED = 2000  # named statements remembered per session
+_MAX_PORTALS = 200
+_MAX_QUEUE = 10000  # replies owed before the tracker gives up on a runaway pipeline
+_MAX_PENDING_EVENTS = 1000
+_SAMPLE_ROWS = 1000
+_SAMPLE_BYTES = 256 * 1024
+_MAX_PARAM_BYTES = 8192  # larger Bind messages keep no parameter values
+_I16 = struct.Struct("!h")
+
+
+@dataclass(slots=True)
+class ResultSample:
+    """The first rows of a result, kept raw and decoded only if a detector asks."""
+
+    columns: tuple[m.Column, ...] = ()
+    rows: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def column_values(self, index: int) -> list[bytes | None]:
+        values = []
+        for raw in self.rows:
+            row = m.DataRow.decode(raw).values
+            if index < len(row):
+                values.append(row[index])
+        return values
+
+
+@dataclass(slots=True)
+class StatementEvent:
+    """One finished statement."""
+
+    parsed: Parsed
+    sent: float
+    started: float
+    finished: float = 0.0
+    bind: bytes | None = field(default=None, repr=False)  # raw Bind body, decoded on demand
+    param_types: tuple[int, ...] = ()
+    rows: int | None = None
+    bytes_returned: int = 0
+    sqlstate: str | None = None
+    round_trip: int = 0
+    round_trip_statements: int = 1
+    transaction: int | None = None
+    result: ResultSample | None = None
+    portal_suspended: bool = False
+
+    @property
+    def info(self) -> StatementInfo:
+        return self.parsed.info
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.finished - self.started)
+
+    def params(self) -> tuple[tuple[bytes | None, int], ...] | None:
+        """(value, format) of each Bind parameter, or None when not known."""
+        if self.bind is None:
+            return None
+        try:
+            bind = m.Bind.decode(self.bind)
+        except ValueError:
+            return None
+        return tuple((v, bind.param_format(i)) for i, v in enumerate(bind.params))
+
+
+@dataclass(slots=True)
+class _Prepared:
+    parsed: Parsed
+    param_types: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Portal:
+    prepared: _Prepared
+    bind: bytes | None
+
+
+@dataclass(slots=True)
+class _QueryRun:
+    statements: tuple[Parsed, ...]
+    sent: float
+    round_trip: int
+    index: int = 0
+    current: StatementEvent | None = None
+
+
+class StatementTracker:
+    """Feed it client and server frames in stream order; it calls `emit` per statement."""
+
+    def __init__(
+        self,
+        analyzer: Analyzer,
+        emit: Callable[[list[StatementEvent]], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.analyzer = analyzer
+        self.emit = emit
+        self.clock = clock
+        self.status = b"I"
+        self._queue: deque[tuple[str, object]] = deque()
+        self._prepared: dict[str, _Prepared] = {}
+        self._portals: dict[str, _Portal] = {}
+        self._round_trip = 1
+        self._transaction = 0
+        self._done: list[StatementEvent] = []
+        self._last_finish = 0.0
+        self._rt_started: dict[int, bytes] = {}
+        self.desynchronized = 0  # times a reply did not match what was owed
+
+    # ------------------------------------------------------------------ client
+
+    def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
+        now = self.clock()
+        queue = self._queue
+        for mtype, body in frames:
+            if len(queue) >= _MAX_QUEUE:
+                self._reset()
+            if mtype == 0x42:  # Bind
+                self._bind(body)
+            elif mtype == 0x45:  # Execute
+                self._execute(body, now)
+            elif mtype == 0x53:  # Sync
+                queue.append(("sync", self._round_trip))
+                self._rt_started.setdefault(self._round_trip, self.status)
+                self._round_trip += 1
+            elif mtype == 0x50:  # Parse
+                self._parse(body)
+            elif mtype == 0x51 and body is not None:  # Query
+                sql = m.Query.decode(body).sql
+                run = _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)
+                queue.append(("query", run))
+                self._rt_started.setdefault(self._round_trip, self.status)
+                self._round_trip += 1
+            elif mtype == 0x44 and body is not None:  # Describe
+                describe = m.Describe.decode(body)
+                queue.append(("describe", describe))
+            elif mtype == 0x43 and body is not None:  # Close
+                close = m.Close.decode(body)
+                queue.append(("close", close))
+                if close.kind == b"S":
+                    self._prepared.pop(close.name, None)
+                else:
+                    self._portals.pop(close.name, None)
+            elif mtype == 0x46:  # FunctionCall
+                queue.append(("function", self._round_trip))
+                self._rt_started.setdefault(self._round_trip, self.status)
+                self._round_trip += 1
+
+    def _parse(self, body: memoryview | None) -> None:
+        if body is None:
+            self._queue.append(("parse", None))
+            return
+        parse = m.Parse.decode(body)
+        statements = self.analyzer.analyze(parse.sql)
+        prepared = _Prepared(statements[0], parse.param_types)
+        if parse.name and len(self._prepared) >= _MAX_PREPARED:
+            self._prepared.pop(next(iter(self._prepared)))
+        self._prepared[parse.name] = prepared
+        self._queue.append(("parse", prepared))
+
+    def _bind(self, body: memoryview | None) -> None:
+        self._queue.append(("bind", None))
+        if body is None:
+            return
+        # portal and statement names lead the body: two NUL-terminated strings
+        raw = bytes(body) if len(body) <= _MAX_PARAM_BYTES else None
+        head = raw if raw is not None else bytes(body[:1024])
+        end_portal = head.find(b"\0")
+        end_statement = head.find(b"\0", end_portal + 1)
+        if end_portal < 0 or end_statement < 0:
+            return
+        portal = head[:end_portal].decode("utf-8", "surrogateescape")
+        name = head[end_portal + 1 : end_statement].decode("utf-8", "surrogateescape")
+        prepared = self._prepared.get(name)
+        if prepared is None:
+            return
+        if portal and len(self._portals) >= _MAX_PORTALS:
+            self._portals.pop(next(iter(self._portals)))
+        self._portals[portal] = _Portal(prepared, raw)
+
+    def _execute(self, body: memoryview | None, now: float) -> None:
+        portal_name = m.Execute.decode(body).portal if body is not None else ""
+        portal = self._portals.get(portal_name)
+        if portal is None:
+            self._queue.append(("execute", None))
+            return
+        event = StatementEvent(
+            portal.prepared.parsed,
+            sent=now,
+            started=now,
+            bind=portal.bind,
+            param_types=portal.prepared.param_types,
+            round_trip=self._round_trip,
+        )
+        self._queue.append(("execute", event))
+
+    # ------------------------------------------------------------------ server
+
+    def server(self, frames: list[tuple[int, memoryview | None]]) -> None:
+        now = self.clock()
+        queue = self._queue
+        for mtype, body in frames:
+            if mtype == 0x44:  # DataRow
+                event = self._running()
+                if event is not None and body is not None:
+                    event.bytes_returned += len(body) + 5
+                    sample = event.result
+                    if (
+                        sample is not None
+                        and len(sample.rows) < _SAMPLE_ROWS
+                        and sample.size < _SAMPLE_BYTES
+                    ):
+                        sample.rows.append(bytes(body))
+                        sample.size += len(body)
+                continue
+            if not queue:
+                continue
+            kind, item = queue[0]
+            if mtype == 0x43 or mtype == 0x49 or mtype == 0x73:  # Complete, Empty, Suspended
+                self._complete(now, body if mtype == 0x43 else None, suspended=mtype == 0x73)
+            elif mtype == 0x54:  # RowDescription
+                columns = m.RowDescription.decode(body).columns if body is not None else ()
+                if kind == "describe":
+                    queue.popleft()
+                else:
+                    event = self._running()
+                    if event is not None:
+                        event.result = ResultSample(columns)
+            elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
+                # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
+                if kind in ("bind", "parse", "close", "describe"):
+                    queue.popleft()
+                else:
+                    self.desynchronized += 1
+            elif mtype == 0x74:  # ParameterDescription
+                if kind == "describe" and body is not None:
+                    describe = item
+                    assert isinstance(describe, m.Describe)
+                    prepared = self._prepared.get(describe.name)
+                    if prepared is not None:
+                        prepared.param_types = m.ParameterDescription.decode(body).type_oids
+            elif mtype == 0x45:  # ErrorResponse
+                self._error(now, body)
+            elif mtype == 0x5A:  # ReadyForQuery
+                self._ready(body)
+            elif mtype == 0x47 or mtype == 0x48 or mtype == 0x57:  # COPY begins
+                self._running()
+            elif mtype == 0x56:  # FunctionCallResponse
+                pass
+
+    def _running(self) -> StatementEvent | None:
+        """The statement whose rows are arriving now, started lazily for simple queries."""
+        if not self._queue:
+            return None
+        kind, item = self._queue[0]
+        if kind == "execute":
+            return item  # type: ignore[return-value]
+        if kind == "query":
+            run = item
+            assert isinstance(run, _QueryRun)
+            if run.current is None and run.index < len(run.statements):
+                start = max(run.sent, self._last_finish)
+                run.current = StatementEvent(
+                    run.statements[run.index],
+                    sent=run.sent,
+                    started=start,
+                    round_trip=run.round_trip,
+                )
+            return run.current
+        return None
+
+    def _complete(self, now: float, body: memoryview | None, *, suspended: bool = False) -> None:
+        kind, item = self._queue[0]
+        if kind == "execute":
+            self._queue.popleft()
+            event = item
+        elif kind == "query":
+            event = self._running()
+            run = item
+            assert isinstance(run, _QueryRun)
+            run.current = None
+            run.index += 1
+        else:
+            self.desynchronized += 1
+            return
+        if not isinstance(event, StatementEvent):
+            return
+        self._finish(event, now)
+        event.portal_suspended = suspended
+        if body is not None:
+            event.rows = m.CommandComplete.decode(body).rows
+
+    def _finish(self, event: StatementEvent, now: float) -> None:
+        # Replies come in order, so a pipelined statement starts when the one before ends.
+        event.started = max(event.started, self._last_finish)
+        event.finished = now
+        self._last_finish = now
+        self._done.append(event)
+        if len(self._done) >= _MAX_PENDING_EVENTS:
+            self._flush(self.status, self.status)
+
+    def _error(self, now: float, body: memoryview | None) -> None:
+        sqlstate = m.ErrorResponse.decode(body).sqlstate if body is not None else ""
+        kind, item = self._queue[0]
+        if kind == "query":
+            event = self._running()
+            if event is not None:
+                event.sqlstate = sqlstate
+                self._finish(event, now)
+            run = item
+            assert isinstance(run, _QueryRun)
+            run.index = len(run.statements)  # the rest of the Query does not run
+            run.current = None
+            return
+        # Extended protocol: the failing message and everything up to Sync is discarded.
+        while self._queue and self._queue[0][0] not in ("sync", "query", "function"):
+            kind, item = self._queue.popleft()
+            if kind == "execute" and isinstance(item, StatementEvent):
+                item.sqlstate = sqlstate
+                self._finish(item, now)
+                sqlstate = "skipped"
+
+    def _ready(self, body: memoryview | None) -> None:
+        status = bytes(body[:1]) if body is not None else b"I"
+        round_trip = 0
+        while self._queue:
+            kind, item = self._queue.popleft()
+            if kind == "sync" or kind == "function":
+                round_trip = item  # type: ignore[assignment]
+                break
+            if kind == "query":
+                round_trip = item.round_trip  # type: ignore[attr-defined]
+                break
+        before = self._rt_started.pop(round_trip, self.status)
+        self._flush(before, status)
+        self.status = status
+
+    def _flush(self, before: bytes, after: bytes) -> None:
+        done = self._done
+        if not done:
+            return
+        self._done = []
+        in_tx = before != b"I" or after != b"I"
+        if before == b"I" and after != b"I":
+            self._transaction += 1
+        elif before == b"I" and any(e.info.command == "BEGIN" for e in done):
+            self._transaction += 1
+            in_tx = True
+        counts: dict[int, int] = {}
+        for event in done:
+            counts[event.round_trip] = counts.get(event.round_trip, 0) + 1
+        for event in done:
+            event.round_trip_statements = counts[event.round_trip]
+            event.transaction = self._transaction if in_tx else None
+        self.emit(done)
+
+    def _reset(self) -> None:
+        """Forget what is owed; attribution resumes cleanly at the next round trip."""
+        self.desynchronized += 1
+        self._queue.clear()
+        self._done.clear()
+        self._rt_started.clear()

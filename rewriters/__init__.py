@@ -1,0 +1,1 @@
+"""Rewrite and block rules, and the builders that turn detected loops into batched SQL."""
