@@ -301,7 +301,11 @@ class Session(asyncio.Protocol):
             if mtype == 0x52:  # Authentication*
                 raw = _strip_channel_binding(body) or raw
             elif mtype == 0x4B:  # BackendKeyData
-                key = m.BackendKeyData.decode(body)
+                try:
+                    key = m.BackendKeyData.decode(body)
+                except ValueError as exc:
+                    self._protocol_violation("server", ProtocolViolation(str(exc)))
+                    return
                 self.backend_key = (key.process_id, key.secret_key)
             elif mtype == 0x45:  # ErrorResponse: authentication failed; the server will close
                 self.round_trips.fatal_seen = True

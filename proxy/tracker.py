@@ -9,6 +9,7 @@ on this bookkeeping.
 from __future__ import annotations
 
 from proxy.protocol.framing import interest_table
+from proxy.protocol.messages import ErrorResponse
 
 __all__ = ["CLIENT_INTEREST", "SERVER_INTEREST", "RoundTrips"]
 
@@ -65,5 +66,9 @@ class RoundTrips:
 
 
 def _is_fatal(body: memoryview) -> bool:
-    raw = bytes(body)
-    return b"SFATAL\0" in raw or b"SPANIC\0" in raw
+    """Severity from the V field (never localized), else S (localized on old servers)."""
+    try:
+        error = ErrorResponse.decode(body)
+    except ValueError:
+        return False
+    return error.severity in ("FATAL", "PANIC")
