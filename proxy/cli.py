@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,6 +16,7 @@ import yaml
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.logs import configure_logging, get_logger
+from proxy.report import format_advice
 
 __all__ = ["main"]
 
@@ -36,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config and print the settings")
     check.add_argument("config", help="YAML config file")
+
+    advice = sub.add_parser("advice", help="print the advice of a running pgwarden")
+    advice.add_argument(
+        "--admin", default="http://127.0.0.1:9930", help="admin URL (http://127.0.0.1:9930)"
+    )
+    advice.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    sub.add_parser("demo", help="a throwaway PostgreSQL, pgwarden and a leaky app, end to end")
     return parser
 
 
@@ -102,10 +113,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advice(args: argparse.Namespace) -> int:
+    url = args.admin.rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        with urllib.request.urlopen(f"{url}/advice", timeout=10) as response:
+            payload = json.load(response)
+    except (OSError, ValueError) as exc:
+        print(f"pgwarden: cannot read advice from {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_advice(payload["advice"]), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": cmd_run,
         "check-config": cmd_check_config,
+        "advice": cmd_advice,
+        "demo": cmd_demo,
     }
     return commands[args.command](args)

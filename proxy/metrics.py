@@ -6,7 +6,7 @@ plain method call and no label lookup.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -18,6 +18,7 @@ from proxy import __version__
 if TYPE_CHECKING:
     from proxy.advice import Advice
     from proxy.analysis.analyzer import Analyzer
+    from proxy.session import Session
     from proxy.statements import StatementEvent
 
 __all__ = ["Metrics"]
@@ -118,11 +119,12 @@ class Metrics:
             registry=r,
         )
         self.connection_errors = {kind: errors.labels(kind) for kind in CONNECTION_ERROR_KINDS}
-        transferred = Counter(
-            "pgwarden_bytes", "Bytes relayed, by direction", ["direction"], registry=r
-        )
-        self.bytes_from_client = transferred.labels("client_to_server")
-        self.bytes_from_server = transferred.labels("server_to_client")
+        # Bytes are counted per session as plain integers (the relay path takes no lock)
+        # and summed at scrape time with the totals of sessions already closed.
+        self.closed_bytes_in = 0
+        self.closed_bytes_out = 0
+        self._live: Callable[[], Iterable[Session]] = tuple
+        r.register(_BytesCollector(self))
         self.connection_duration = Histogram(
             "pgwarden_client_connection_duration_seconds",
             "How long client connections stayed open",
@@ -191,9 +193,36 @@ class Metrics:
     def record_advice(self, advice: Advice) -> None:
         self._advice.labels(advice.rule, advice.severity).inc()
 
+    def watch_sessions(self, live: Callable[[], Iterable[Session]]) -> None:
+        self._live = live
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        sessions = list(self._live())
+        return (
+            self.closed_bytes_in + sum(s.bytes_in for s in sessions),
+            self.closed_bytes_out + sum(s.bytes_out for s in sessions),
+        )
+
     def watch_analyzer(self, analyzer: Analyzer) -> None:
         """Exposes the statement cache's counters, read at scrape time."""
         self.registry.register(_AnalyzerCollector(analyzer))
+
+
+class _BytesCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        into, out = self.metrics.bytes_relayed()
+        family = CounterMetricFamily(
+            "pgwarden_bytes", "Bytes relayed, by direction", labels=["direction"]
+        )
+        family.add_metric(["client_to_server"], into)
+        family.add_metric(["server_to_client"], out)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _AnalyzerCollector(Collector):

@@ -15,7 +15,7 @@ from proxy.advice import AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.config import ConfigError, Settings
 from proxy.inspector import Analysis
-from proxy.logs import get_logger
+from proxy.logs import configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.startup import CancelRequest
 from proxy.session import Session
@@ -54,6 +54,7 @@ class ProxyServer:
         )
         self.analyzer = Analyzer(settings.analysis.cache_size)
         self.metrics.watch_analyzer(self.analyzer)
+        self.metrics.watch_sessions(lambda: self.sessions)
         self.analysis: Analysis | None = None
         self._configure_analysis(settings)
         self._admin = AdminServer(self)
@@ -135,6 +136,8 @@ class ProxyServer:
         self.settings = new
         self._configure_analysis(new)
         log.info("reloaded", config=new.source)
+        # after the event above, so a raised level does not hide the reload itself
+        configure_logging(new.logging.format, new.logging.level)
 
     def _configure_analysis(self, settings: Settings) -> None:
         """New sessions pick up analysis and detector settings; running ones keep theirs."""

@@ -145,7 +145,6 @@ class Session(asyncio.Protocol):
             assert self.server is not None
             self.server.write(data)
             self.bytes_in += len(data)
-            self.metrics.bytes_from_client.inc(len(data))
             if frames:
                 self.round_trips.client(frames)
                 if self.inspector is not None:
@@ -269,7 +268,6 @@ class Session(asyncio.Protocol):
             if client is not None:
                 client.write(data)
             self.bytes_out += len(data)
-            self.metrics.bytes_from_server.inc(len(data))
             try:
                 frames = self._server_frames.feed(data)
             except ProtocolViolation as exc:
@@ -450,6 +448,8 @@ class Session(asyncio.Protocol):
             self.inspector.close()
             self.inspector = None
         self.metrics.client_connections.dec()
+        self.metrics.closed_bytes_in += self.bytes_in
+        self.metrics.closed_bytes_out += self.bytes_out
         duration = time.monotonic() - self.started
         self.metrics.connection_duration.observe(duration)
         self.host.session_closed(self)

@@ -48,9 +48,19 @@ _I16 = struct.Struct("!h")
 class ResultSample:
     """The first rows of a result, kept raw and decoded only if a detector asks."""
 
-    columns: tuple[m.Column, ...] = ()
+    description: bytes = b""  # the RowDescription body
     rows: list[bytes] = field(default_factory=list)
     size: int = 0
+    _columns: tuple[m.Column, ...] | None = None
+
+    @property
+    def columns(self) -> tuple[m.Column, ...]:
+        if self._columns is None:
+            try:
+                self._columns = m.RowDescription.decode(self.description).columns
+            except ValueError:
+                self._columns = ()
+        return self._columns
 
     def column_values(self, index: int) -> list[bytes | None]:
         values = []
@@ -79,6 +89,7 @@ class StatementEvent:
     transaction: int | None = None
     result: ResultSample | None = None
     portal_suspended: bool = False
+    _params: tuple[tuple[bytes | None, int], ...] | None = field(default=None, repr=False)
 
     @property
     def info(self) -> StatementInfo:
@@ -90,13 +101,9 @@ class StatementEvent:
 
     def params(self) -> tuple[tuple[bytes | None, int], ...] | None:
         """(value, format) of each Bind parameter, or None when not known."""
-        if self.bind is None:
-            return None
-        try:
-            bind = m.Bind.decode(self.bind)
-        except ValueError:
-            return None
-        return tuple((v, bind.param_format(i)) for i, v in enumerate(bind.params))
+        if self._params is None and self.bind is not None:
+            self._params = _bind_params(self.bind)
+        return self._params
 
 
 @dataclass(slots=True)
@@ -215,7 +222,9 @@ class StatementTracker:
         self._portals[portal] = _Portal(prepared, raw)
 
     def _execute(self, body: memoryview | None, now: float) -> None:
-        portal_name = m.Execute.decode(body).portal if body is not None else ""
+        # the unnamed portal, by far the most common, needs no decoding
+        unnamed = body is None or body[0] == 0
+        portal_name = "" if unnamed else m.Execute.decode(body).portal  # type: ignore[arg-type]
         portal = self._portals.get(portal_name)
         if portal is None:
             self._queue.append(("execute", None))
@@ -255,13 +264,12 @@ class StatementTracker:
             if mtype == 0x43 or mtype == 0x49 or mtype == 0x73:  # Complete, Empty, Suspended
                 self._complete(now, body if mtype == 0x43 else None, suspended=mtype == 0x73)
             elif mtype == 0x54:  # RowDescription
-                columns = m.RowDescription.decode(body).columns if body is not None else ()
                 if kind == "describe":
                     queue.popleft()
                 else:
                     event = self._running()
-                    if event is not None:
-                        event.result = ResultSample(columns)
+                    if event is not None and body is not None:
+                        event.result = ResultSample(bytes(body))
             elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
                 # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
                 if kind in ("bind", "parse", "close", "describe"):
@@ -396,3 +404,12 @@ class StatementTracker:
         self._queue.clear()
         self._done.clear()
         self._rt_started.clear()
+
+
+def _bind_params(raw: bytes) -> tuple[tuple[bytes | None, int], ...] | None:
+    """(value, format code) of each parameter of a Bind body, or None if it is malformed."""
+    try:
+        bind = m.Bind.decode(raw)
+    except ValueError:
+        return None
+    return tuple((v, bind.param_format(i)) for i, v in enumerate(bind.params))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pglast import parser
@@ -190,7 +190,12 @@ class Analyzer:
         infos = self._by_normalized.get_hit(normalized)
         if infos is None:
             self.misses += 1
-            infos = self._analyze_normalized(normalized)
+            try:
+                infos = self._analyze_normalized(normalized)
+            except parser.ParseError:
+                # normalize() can make valid SQL unparsable: a DO or CREATE FUNCTION body,
+                # a NOTIFY payload become `$n` where the grammar wants a string constant
+                infos = _analyze_original(sql, normalized)
             self._by_normalized.put(normalized, infos)
         else:
             self.hits += 1
@@ -218,6 +223,38 @@ class Analyzer:
             text = encoded[start : start + length].decode("utf-8").strip()
             infos.append(_describe(raw["stmt"], text))
         return tuple(infos)
+
+
+def _analyze_original(sql: str, normalized: str) -> tuple[StatementInfo, ...]:
+    """Facts from the original's parse tree, text from normalizing each statement alone."""
+    try:
+        stmts = json.loads(parser.parse_sql_json(sql)).get("stmts") or []
+    except parser.ParseError as exc:
+        return (_unparsable(sql, str(exc)),)
+    if not stmts:
+        return (StatementInfo("", normalized.strip(), "EMPTY"),)
+    encoded = sql.encode("utf-8")
+    infos = []
+    for raw in stmts:
+        start = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len") or len(encoded) - start
+        text = encoded[start : start + length].decode("utf-8").strip()
+        normalized_text = parser.normalize(text).strip()
+        try:
+            (own,) = json.loads(parser.parse_sql_json(normalized_text))["stmts"]
+            stmt = own["stmt"]  # literals as ParamRefs, so lookups are seen
+        except (parser.ParseError, ValueError, KeyError):
+            stmt = raw["stmt"]
+        info = _describe(stmt, normalized_text)
+        infos.append(info if info.fingerprint else replace(info, fingerprint=_fingerprint(text)))
+    return tuple(infos)
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return parser.fingerprint(text)
+    except parser.ParseError:
+        return ""
 
 
 def _unparsable(sql: str, error: str) -> StatementInfo:

@@ -77,7 +77,9 @@ class NPlusOne(Detector):
             and not info.batched_lookup
             and event.sqlstate is None
         )
-        if is_lookup:
+        # An autocommit lookup with no earlier multi-row result to trace its value to can
+        # prove nothing, so it costs nothing (the shape of most OLTP traffic).
+        if is_lookup and (event.transaction is not None or self._sources):
             burst, ended = self._bursts.add(event)
             self._record(burst, event)
         else:

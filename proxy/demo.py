@@ -1,0 +1,126 @@
+"""`pgwarden demo`: a throwaway PostgreSQL, pgwarden in front of it, and a leaky little app.
+
+Everything runs for real: the cluster from the local PostgreSQL binaries, pgwarden as its
+own process, and an app written the way real apps go wrong (a lazy-loading list page,
+row-by-row imports). What the demo prints is what pgwarden itself reports.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from proxy.pgcluster import LocalCluster, free_port
+from proxy.report import format_advice
+
+__all__ = ["run_demo"]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pgwarden exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("pgwarden did not start listening in time")
+
+
+def _app(dsn: str) -> None:
+    """A bookshop app with the two loops pgwarden exists to catch, and healthy queries."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE authors (id serial PRIMARY KEY, name text NOT NULL);"
+            "CREATE TABLE books (id serial PRIMARY KEY, author_id int NOT NULL"
+            " REFERENCES authors, title text NOT NULL);"
+            "CREATE INDEX ON books (author_id)"
+        )
+        # Import, row by row inside one transaction: an insert loop.
+        with conn.transaction():
+            for i in range(1, 13):
+                conn.execute("INSERT INTO authors (name) VALUES (%s)", [f"Author {i}"])
+        # Import with executemany: pipelined, cheaper, still one statement per row.
+        conn.cursor().executemany(
+            "INSERT INTO books (author_id, title) VALUES (%s, %s)",
+            [(i % 12 + 1, f"Book {i}") for i in range(60)],
+        )
+        # The list page: authors, then each author's books, one query per author (N+1).
+        authors = conn.execute("SELECT id, name FROM authors ORDER BY name").fetchall()
+        for author_id, _ in authors:
+            conn.execute("SELECT id, title FROM books WHERE author_id = %s", [author_id]).fetchall()
+        # The same page done right: one batched query and one JOIN. No advice for these.
+        ids = [a[0] for a in authors]
+        conn.execute("SELECT id, title FROM books WHERE author_id = ANY(%s)", [ids]).fetchall()
+        conn.execute(
+            "SELECT a.name, b.title FROM authors a JOIN books b ON b.author_id = a.id"
+        ).fetchall()
+
+
+def run_demo() -> int:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        print("pgwarden demo drives its app with psycopg: pip install 'pgwarden[demo]'")
+        return 1
+    print("Starting a throwaway PostgreSQL from the local binaries ...")
+    with LocalCluster(ssl=False, password_roles=False) as pg, tempfile.TemporaryDirectory() as tmp:
+        port, admin = free_port(), free_port()
+        config = Path(tmp) / "pgwarden.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{port}",
+                    "upstream": {"address": f"127.0.0.1:{pg.port}", "sslmode": "disable"},
+                    "admin": {"listen": f"127.0.0.1:{admin}"},
+                }
+            )
+        )
+        log_path = Path(tmp) / "pgwarden.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            _wait_for_port(port, proc)
+            print(f"pgwarden listens on 127.0.0.1:{port} in front of it")
+            print(f"  metrics: http://127.0.0.1:{admin}/metrics   advice: /advice\n")
+            print("Running a small bookshop app through pgwarden ...\n")
+            _app(f"host=127.0.0.1 port={port} user=postgres dbname=postgres")
+            time.sleep(0.3)
+            base = f"http://127.0.0.1:{admin}"
+            with urllib.request.urlopen(f"{base}/advice", timeout=5) as response:
+                advice = json.load(response)["advice"]
+            print("What pgwarden saw (the same as `pgwarden advice`):\n")
+            print(format_advice(advice))
+            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+                metrics = response.read().decode()
+            print("A few of its metrics:")
+            for line in metrics.splitlines():
+                if line.startswith(("pgwarden_queries_total", "pgwarden_advice_total")):
+                    print(f"  {line}")
+            lines = [line for line in log_path.read_text().splitlines() if '"advice"' in line]
+            if lines:
+                print("\nAnd one advice as the JSON line developers find in pgwarden's log:")
+                print(f"  {lines[0]}")
+            return 0 if advice else 1
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
