@@ -13,13 +13,15 @@ from pglast.stream import RawStream
 
 __all__ = ["TYPE_NAMES", "batched_lookup_sql", "multirow_insert_sql"]
 
-# Common type OIDs (pg_type) to the names an array cast needs.
+# Common type OIDs (pg_type) to the names an array cast needs. Drivers declare integers by
+# the size of the value at hand (psycopg sends a small int as int2), so every integer
+# becomes bigint, which assignment-casts into any integer column.
 TYPE_NAMES = {
     16: "boolean",
     17: "bytea",
     20: "bigint",
-    21: "smallint",
-    23: "integer",
+    21: "bigint",
+    23: "bigint",
     25: "text",
     114: "json",
     700: "real",
@@ -76,6 +78,8 @@ def batched_lookup_sql(statement: str, param: int) -> str | None:
     select = raw.stmt
     if not isinstance(select, ast.SelectStmt):
         return None
+    if select.limitCount is not None or select.limitOffset is not None:
+        return None  # a LIMIT meant for one key would cut the batch short
     for conjunct in _conjuncts(select.whereClause):
         if not isinstance(conjunct, ast.A_Expr) or conjunct.kind != A_Expr_Kind.AEXPR_OP:
             continue
@@ -134,8 +138,8 @@ def multirow_insert_sql(statement: str, param_types: dict[int, int] | None = Non
             arrays.append(f"${len(arrays) + 1}::{type_name}[]")
             aliases.append(column)
             select_list.append(f"u.{column}")
-        elif "ParamRef" in repr(item):
-            return None
+        elif "ParamRef" in repr(item) or isinstance(item, ast.SetToDefault):
+            return None  # DEFAULT is valid in VALUES only
         else:
             select_list.append(RawStream()(item))
     if not arrays:
