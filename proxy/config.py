@@ -157,9 +157,16 @@ class InsertLoopSettings:
 
 
 @dataclass(frozen=True)
+class SlowQuerySettings:
+    enabled: bool = True
+    threshold: Duration = Duration(1.0)
+
+
+@dataclass(frozen=True)
 class DetectorSettings:
     n_plus_one: NPlusOneSettings = NPlusOneSettings()
     insert_loop: InsertLoopSettings = InsertLoopSettings()
+    slow_query: SlowQuerySettings = SlowQuerySettings()
 
     def enabled(self) -> dict[str, dict[str, Any]]:
         """Options of each enabled detector, by rule id."""
@@ -177,6 +184,35 @@ class AdviceSettings:
 
 
 @dataclass(frozen=True)
+class TimeoutMatch:
+    """Every given field must match; a rule with no fields matches every statement."""
+
+    tables: tuple[str, ...] | None = None
+    command: str | None = None
+    fingerprint: str | None = None
+    user: str | None = None
+    database: str | None = None
+    application_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TimeoutRule:
+    name: str
+    match: TimeoutMatch = TimeoutMatch()
+    statement: Duration | None = None
+    transaction: Duration | None = None
+
+
+@dataclass(frozen=True)
+class TimeoutSettings:
+    statement: Duration = Duration(0.0)
+    transaction: Duration = Duration(0.0)
+    idle_in_transaction: Duration = Duration(0.0)
+    server_side: bool = False
+    rules: tuple[TimeoutRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: Address = Address("127.0.0.1", 6432)
     upstream: UpstreamSettings = UpstreamSettings()
@@ -188,6 +224,7 @@ class Settings:
     analysis: AnalysisSettings = AnalysisSettings()
     detectors: DetectorSettings = DetectorSettings()
     advice: AdviceSettings = AdviceSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
     source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +255,13 @@ def _convert(annotation: Any, value: Any, meta: typing.Mapping[str, Any], key: s
         if value is None:
             return None
         return _convert(args[0], value, meta, key)
+    if origin is tuple:
+        item_type = typing.get_args(annotation)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return tuple(
+            _convert(item_type, item, {}, f"{key}[{index}]") for index, item in enumerate(value)
+        )
     if dataclasses.is_dataclass(annotation) and annotation is not Address:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -261,6 +305,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if name not in known:
             raise ConfigError(f"{key}: unknown key (expected one of {', '.join(known)})")
         kwargs[name] = _convert(hints[name], value, known[name].metadata, key)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in kwargs:
+            raise ConfigError(f"{prefix}.{name}: required" if prefix else f"{name}: required")
     return cls(**kwargs)
 
 
@@ -279,11 +331,27 @@ def _check(settings: Settings) -> None:
         path = getattr(tls, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{name}: no such file {path!r}")
+    _check_timeouts(settings.timeouts)
     up = settings.upstream
     if up.sslmode == "verify-full" and not up.sslrootcert:
         raise ConfigError("upstream.sslrootcert: required when sslmode is verify-full")
     if up.sslrootcert and not Path(up.sslrootcert).is_file():
         raise ConfigError(f"upstream.sslrootcert: no such file {up.sslrootcert!r}")
+
+
+def _check_timeouts(timeouts: TimeoutSettings) -> None:
+    names: set[str] = set()
+    for index, rule in enumerate(timeouts.rules):
+        key = f"timeouts.rules[{index}]"
+        if not rule.name:
+            raise ConfigError(f"{key}.name: must not be empty")
+        if rule.name in names:
+            raise ConfigError(f"{key}.name: duplicate rule name {rule.name!r}")
+        names.add(rule.name)
+        if rule.statement is None and rule.transaction is None:
+            raise ConfigError(f"{key}: set statement, transaction or both")
+        if rule.match.command is not None and rule.match.command != rule.match.command.upper():
+            raise ConfigError(f"{key}.match.command: write commands in upper case, e.g. SELECT")
 
 
 def load_settings(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> Settings:

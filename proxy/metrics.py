@@ -168,6 +168,22 @@ class Metrics:
             ["rule", "severity"],
             registry=r,
         )
+        self.statement_timeouts = Counter(
+            "pgwarden_statement_timeouts",
+            "Statements pgwarden cancelled for running past their limit, by rule",
+            ["rule"],
+            registry=r,
+        )
+        transaction_timeouts = Counter(
+            "pgwarden_transaction_timeouts",
+            "Sessions pgwarden ended for a transaction past its limit, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.transaction_timeouts = {
+            kind: transaction_timeouts.labels(kind)
+            for kind in ("transaction", "idle_in_transaction")
+        }
         self._by_command: dict[str, tuple[object, object]] = {}
         self._by_sqlstate: dict[str, object] = {}
 

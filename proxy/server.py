@@ -19,6 +19,7 @@ from proxy.logs import configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.startup import CancelRequest
 from proxy.session import Session
+from proxy.timeouts import TimeoutPolicy
 
 __all__ = ["ProxyServer", "server_ssl_context"]
 
@@ -56,6 +57,7 @@ class ProxyServer:
         self.metrics.watch_analyzer(self.analyzer)
         self.metrics.watch_sessions(lambda: self.sessions)
         self.analysis: Analysis | None = None
+        self.timeouts: TimeoutPolicy | None = None
         self._configure_analysis(settings)
         self._admin = AdminServer(self)
         self._admin.route("/advice", self._advice)
@@ -142,13 +144,16 @@ class ProxyServer:
     def _configure_analysis(self, settings: Settings) -> None:
         """New sessions pick up analysis and detector settings; running ones keep theirs."""
         self.sink.repeat_interval = settings.advice.repeat_interval
-        if not settings.analysis.enabled:
+        policy = TimeoutPolicy(settings.timeouts)
+        self.timeouts = policy if policy.enforces_anything else None
+        if not settings.analysis.enabled and self.timeouts is None:
             self.analysis = None
             return
+        # Timeouts need statements tracked and analysed (tables, fingerprints) even when
+        # analysis is off; the detectors then stay off.
+        detectors = settings.detectors.enabled() if settings.analysis.enabled else {}
         self.analyzer.resize(settings.analysis.cache_size)
-        self.analysis = Analysis(
-            self.analyzer, self.sink, self.metrics, settings.detectors.enabled()
-        )
+        self.analysis = Analysis(self.analyzer, self.sink, self.metrics, detectors)
 
     async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
         return json_response(200, {"advice": self.sink.snapshot()})
@@ -178,12 +183,28 @@ class ProxyServer:
             # probe for or cancel backends of other clients.
             log.info("cancel_ignored", reason="unknown backend key")
             return
+        self._cancel(request, session, None)
+
+    def cancel_backend(self, session: Session, done: Callable[[], None]) -> None:
+        """Cancels what `session`'s backend runs; `done` runs once the request was read."""
+        if session.backend_key is None:
+            done()
+            return
+        self._cancel(CancelRequest(*session.backend_key), session, done)
+
+    def _cancel(
+        self, request: CancelRequest, session: Session, done: Callable[[], None] | None
+    ) -> None:
         if len(self._cancels) >= _CANCEL_LIMIT:
             log.warning("cancel_dropped", reason="too many cancel requests in flight")
+            if done is not None:
+                done()
             return
         task = asyncio.ensure_future(self._send_cancel(request, session.settings))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+        if done is not None:
+            task.add_done_callback(lambda _: done())
 
     async def _send_cancel(self, request: CancelRequest, settings: Settings) -> None:
         try:

@@ -17,6 +17,7 @@ import asyncio
 import enum
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import statements, upstream
@@ -32,9 +33,18 @@ from proxy.protocol.startup import (
     StartupMessage,
     read_startup_packet,
 )
+from proxy.timeouts import (
+    ErrorEditor,
+    Limit,
+    TimeoutGuard,
+    TimeoutPolicy,
+    flush_after_executes,
+    rewrite_cancel,
+)
 from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
 
 if TYPE_CHECKING:
+    from proxy.analysis.analyzer import StatementInfo
     from proxy.config import Settings
     from proxy.metrics import Metrics
 
@@ -54,10 +64,12 @@ class SessionHost(Protocol):
     metrics: Metrics
     server_tls: ssl.SSLContext | None
     analysis: Analysis | None
+    timeouts: TimeoutPolicy | None
 
     def session_ready(self, session: Session) -> None: ...
     def session_closed(self, session: Session) -> None: ...
     def forward_cancel(self, request: CancelRequest) -> None: ...
+    def cancel_backend(self, session: Session, done: Callable[[], None]) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -88,6 +100,10 @@ class Session(asyncio.Protocol):
         self.draining = False
         self.round_trips = RoundTrips()
         self.inspector: Inspector | None = None
+        self.guard: TimeoutGuard | None = None
+        self._editor: ErrorEditor | None = None  # rewrites the error of a timed-out statement
+        self._timed_out: Limit | None = None  # the limit of a statement being cancelled
+        self._paused: set[str] = set()  # why reading from the client is paused
         limits = self.settings.limits
         self._startup_buf = bytearray()
         self._startup_raw = b""
@@ -137,18 +153,24 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.READY or self.phase is Phase.AUTH:
+            at_boundary = self._client_frames.at_boundary
             try:
                 frames = self._client_frames.feed(data)
             except ProtocolViolation as exc:
                 self._protocol_violation("client", exc)
                 return
             assert self.server is not None
-            self.server.write(data)
             self.bytes_in += len(data)
+            if self.guard is not None and at_boundary:
+                data = flush_after_executes(data)  # see when each pipelined statement ends
+            self.server.write(data)
             if frames:
                 self.round_trips.client(frames)
                 if self.inspector is not None:
                     self.inspector.client(frames)
+                    if self.guard is not None:
+                        self.guard.client_active()
+                        self._track_running()
         elif self.phase is Phase.STARTUP:
             self._startup_buf += data
             self._read_startup()
@@ -174,6 +196,18 @@ class Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.server is not None:
             self.server.resume_reading()
+
+    def pause_client(self, reason: str) -> None:
+        if not self._paused and self.client is not None:
+            self.client.pause_reading()
+        self._paused.add(reason)
+
+    def resume_client(self, reason: str) -> None:
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and self.client is not None and self.phase is not Phase.CLOSED:
+            self.client.resume_reading()
 
     # ------------------------------------------------------------------ startup
 
@@ -234,6 +268,13 @@ class Session(asyncio.Protocol):
         if getattr(self.host, "draining", False):
             self._fail("57P03", "the database system is shutting down", "draining")
             return
+        timeouts = self.settings.timeouts
+        if timeouts.server_side and timeouts.statement:
+            # PostgreSQL enforces the default itself too, should pgwarden's timer not run.
+            options = packet.parameters.get("options", "")
+            setting = f"-c statement_timeout={int(timeouts.statement * 1000)}"
+            params = {**packet.parameters, "options": f"{options} {setting}".strip()}
+            raw = StartupMessage(packet.protocol, params).encode()
         self._startup_raw = raw
         self.phase = Phase.CONNECTING
         self._connect_task = asyncio.ensure_future(self._connect_upstream())
@@ -266,7 +307,7 @@ class Session(asyncio.Protocol):
         if self.phase is Phase.READY:
             client = self.client
             if client is not None:
-                client.write(data)
+                client.write(data if self._editor is None else self._editor.feed(data))
             self.bytes_out += len(data)
             try:
                 frames = self._server_frames.feed(data)
@@ -276,7 +317,15 @@ class Session(asyncio.Protocol):
             if frames:
                 if self.inspector is not None:
                     self.inspector.server(frames)
-                if self.round_trips.server(frames) and self.draining:
+                ready = self.round_trips.server(frames)
+                if self.guard is not None:
+                    if ready:
+                        self._timed_out = None  # the round trip ended: its error went through
+                    self._track_running()
+                    if ready:
+                        rt = self.round_trips
+                        self.guard.ready(rt.status, not rt.awaiting and not rt.unsynced)
+                if ready and self.draining:
                     self._drain_if_idle()
         elif self.phase is Phase.AUTH:
             self._server_auth_data(data)
@@ -339,10 +388,88 @@ class Session(asyncio.Protocol):
             self._server_frames.interest = statements.SERVER_INTEREST
             self._client_frames.interest = statements.CLIENT_INTEREST
             self._client_frames.inspect_limit = analysis.analyzer.max_statement_length * 4
+            if self.host.timeouts is not None:
+                loop = asyncio.get_running_loop()
+                self.guard = TimeoutGuard(
+                    self.host.timeouts,
+                    identity,
+                    loop.call_later,
+                    time.perf_counter,
+                    self._statement_timed_out,
+                    self._transaction_timed_out,
+                )
         else:
             self._server_frames.interest = SERVER_INTEREST
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self._identity())
+
+    # ---------------------------------------------------------------- timeouts
+
+    def _track_running(self) -> None:
+        """Tells the guard what runs now, and ends error editing once it is not needed."""
+        assert self.guard is not None
+        tracker = self.inspector.tracker if self.inspector is not None else None
+        self.guard.running(tracker.current() if tracker is not None else None)
+        if self._timed_out is None and self._editor is not None and self._editor.at_boundary:
+            self._editor = None
+
+    def _statement_timed_out(self, info: StatementInfo, started: float, limit: Limit) -> None:
+        if self.phase is not Phase.READY or self.server is None:
+            return
+        self.metrics.statement_timeouts.labels(limit.rule).inc()
+        log.warning(
+            "statement_timeout",
+            rule=limit.rule,
+            limit_s=round(limit.seconds, 3),
+            statement=info.normalized,
+            command=info.command,
+            running_s=round(time.perf_counter() - started, 3),
+            **self._identity(),
+        )
+        self._timed_out = limit
+        if self._editor is None:
+            header, passing = self._server_frames.remaining()
+            self._editor = ErrorEditor(self._edit_error, header_sent=header, passing=passing)
+        # Nothing new reaches the server until the cancel has been delivered, so a cancel
+        # that arrives after the statement ended cannot hit the next one.
+        self.pause_client("cancel")
+        self.host.cancel_backend(self, lambda: self.resume_client("cancel"))
+
+    def _edit_error(self, raw: bytes) -> bytes:
+        timed_out = self._timed_out
+        if timed_out is None:
+            return raw
+        rewritten = rewrite_cancel(raw, timed_out)
+        if rewritten is None:
+            return raw
+        self._timed_out = None
+        return rewritten
+
+    def _transaction_timed_out(self, kind: str, limit: Limit) -> None:
+        if self.phase is not Phase.READY:
+            return
+        self.metrics.transaction_timeouts[kind].inc()
+        log.warning(
+            "transaction_timeout",
+            kind=kind,
+            rule=limit.rule,
+            limit_s=round(limit.seconds, 3),
+            **self._identity(),
+        )
+        if kind == "idle_in_transaction":
+            self._fail(
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout "
+                f"(pgwarden, {limit.describe()})",
+                "idle_in_transaction_timeout",
+            )
+        else:
+            self._fail(
+                "57014",
+                "terminating connection due to transaction timeout "
+                f'(pgwarden rule "{limit.rule}", {limit.describe()})',
+                "transaction_timeout",
+            )
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None
@@ -444,6 +571,9 @@ class Session(asyncio.Protocol):
             server.close()
         if self.client is not None:
             self.client.close()
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
         if self.inspector is not None:
             self.inspector.close()
             self.inspector = None
@@ -486,14 +616,10 @@ class _Upstream(asyncio.Protocol):
         self.session.server_lost(exc)
 
     def pause_writing(self) -> None:
-        client = self.session.client
-        if client is not None:
-            client.pause_reading()
+        self.session.pause_client("backpressure")
 
     def resume_writing(self) -> None:
-        client = self.session.client
-        if client is not None:
-            client.resume_reading()
+        self.session.resume_client("backpressure")
 
 
 def _strip_channel_binding(body: memoryview) -> bytes | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.protocol import messages as m
@@ -27,6 +27,7 @@ __all__ = [
     "CLIENT_INTEREST",
     "SERVER_INTEREST",
     "ResultSample",
+    "Running",
     "StatementEvent",
     "StatementTracker",
 ]
@@ -52,12 +53,17 @@ class ResultSample:
     rows: list[bytes] = field(default_factory=list)
     size: int = 0
     _columns: tuple[m.Column, ...] | None = None
+    # the Bind whose result formats apply, when the description came from Describe S
+    bind: bytes | None = field(default=None, repr=False)
 
     @property
     def columns(self) -> tuple[m.Column, ...]:
         if self._columns is None:
             try:
-                self._columns = m.RowDescription.decode(self.description).columns
+                columns = m.RowDescription.decode(self.description).columns
+                if self.bind is not None:
+                    columns = _with_formats(columns, m.Bind.decode(self.bind).result_formats)
+                self._columns = columns
             except ValueError:
                 self._columns = ()
         return self._columns
@@ -89,6 +95,9 @@ class StatementEvent:
     transaction: int | None = None
     result: ResultSample | None = None
     portal_suspended: bool = False
+    # its reply came in one piece with a later statement's, so its own duration is unknown
+    # (PostgreSQL holds pipelined replies until Sync or Flush)
+    reply_batched: bool = False
     _params: tuple[tuple[bytes | None, int], ...] | None = field(default=None, repr=False)
 
     @property
@@ -106,16 +115,36 @@ class StatementEvent:
         return self._params
 
 
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What the server is executing, as far as the replies seen so far tell."""
+
+    event: StatementEvent
+    started: float
+    later: tuple[StatementInfo, ...] = ()  # the rest of a multi-statement Query
+
+
 @dataclass(slots=True)
 class _Prepared:
     parsed: Parsed
     param_types: tuple[int, ...]
+    description: bytes | None = None  # RowDescription of Describe S: formats not bound yet
 
 
 @dataclass(slots=True)
 class _Portal:
     prepared: _Prepared
     bind: bytes | None
+    description: bytes | None = None  # RowDescription of Describe P: formats final
+    awaiting: StatementEvent | None = None  # an Execute sent before the Describe P reply
+
+    def sample(self) -> ResultSample | None:
+        """An empty sample for an Execute of this portal, when its columns are known."""
+        if self.description is not None:
+            return ResultSample(self.description)
+        if self.prepared.description is not None and self.bind is not None:
+            return ResultSample(self.prepared.description, bind=self.bind)
+        return None
 
 
 @dataclass(slots=True)
@@ -147,7 +176,6 @@ class StatementTracker:
         self._transaction = 0
         self._done: list[StatementEvent] = []
         self._last_finish = 0.0
-        self._rt_started: dict[int, bytes] = {}
         self.desynchronized = 0  # times a reply did not match what was owed
 
     # ------------------------------------------------------------------ client
@@ -164,7 +192,6 @@ class StatementTracker:
                 self._execute(body, now)
             elif mtype == 0x53:  # Sync
                 queue.append(("sync", self._round_trip))
-                self._rt_started.setdefault(self._round_trip, self.status)
                 self._round_trip += 1
             elif mtype == 0x50:  # Parse
                 self._parse(body)
@@ -172,11 +199,11 @@ class StatementTracker:
                 sql = m.Query.decode(body).sql
                 run = _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)
                 queue.append(("query", run))
-                self._rt_started.setdefault(self._round_trip, self.status)
                 self._round_trip += 1
             elif mtype == 0x44 and body is not None:  # Describe
                 describe = m.Describe.decode(body)
-                queue.append(("describe", describe))
+                names = self._prepared if describe.kind == b"S" else self._portals
+                queue.append(("describe", names.get(describe.name)))  # what it describes
             elif mtype == 0x43 and body is not None:  # Close
                 close = m.Close.decode(body)
                 queue.append(("close", close))
@@ -186,7 +213,6 @@ class StatementTracker:
                     self._portals.pop(close.name, None)
             elif mtype == 0x46:  # FunctionCall
                 queue.append(("function", self._round_trip))
-                self._rt_started.setdefault(self._round_trip, self.status)
                 self._round_trip += 1
 
     def _parse(self, body: memoryview | None) -> None:
@@ -236,7 +262,10 @@ class StatementTracker:
             bind=portal.bind,
             param_types=portal.prepared.param_types,
             round_trip=self._round_trip,
+            result=portal.sample(),
         )
+        if event.result is None:
+            portal.awaiting = event  # libpq: Bind, Describe P, Execute in one go
         self._queue.append(("execute", event))
 
     # ------------------------------------------------------------------ server
@@ -266,6 +295,11 @@ class StatementTracker:
             elif mtype == 0x54:  # RowDescription
                 if kind == "describe":
                     queue.popleft()
+                    if isinstance(item, _Prepared | _Portal) and body is not None:
+                        item.description = bytes(body)
+                    if isinstance(item, _Portal) and item.awaiting is not None:
+                        item.awaiting.result = item.sample()
+                        item.awaiting = None
                 else:
                     event = self._running()
                     if event is not None and body is not None:
@@ -277,12 +311,8 @@ class StatementTracker:
                 else:
                     self.desynchronized += 1
             elif mtype == 0x74:  # ParameterDescription
-                if kind == "describe" and body is not None:
-                    describe = item
-                    assert isinstance(describe, m.Describe)
-                    prepared = self._prepared.get(describe.name)
-                    if prepared is not None:
-                        prepared.param_types = m.ParameterDescription.decode(body).type_oids
+                if kind == "describe" and body is not None and isinstance(item, _Prepared):
+                    item.param_types = m.ParameterDescription.decode(body).type_oids
             elif mtype == 0x45:  # ErrorResponse
                 self._error(now, body)
             elif mtype == 0x5A:  # ReadyForQuery
@@ -291,6 +321,28 @@ class StatementTracker:
                 self._running()
             elif mtype == 0x56:  # FunctionCallResponse
                 pass
+
+    def current(self) -> Running | None:
+        """The statement the server is executing now, since when, and (for a Query) the
+        statements of the same Query still to come; None when the server is idle."""
+        for kind, item in self._queue:
+            if kind == "execute":
+                if not isinstance(item, StatementEvent):
+                    return None
+                return Running(item, max(item.sent, self._last_finish))
+            if kind == "query":
+                if item is not self._queue[0][1]:
+                    return None
+                event = self._running()
+                if event is None:
+                    return None
+                run = item
+                assert isinstance(run, _QueryRun)
+                later = tuple(p.info for p in run.statements[run.index + 1 :])
+                return Running(event, event.started, later)
+            if kind in ("sync", "function"):
+                return None
+        return None
 
     def _running(self) -> StatementEvent | None:
         """The statement whose rows are arriving now, started lazily for simple queries."""
@@ -337,6 +389,8 @@ class StatementTracker:
     def _finish(self, event: StatementEvent, now: float) -> None:
         # Replies come in order, so a pipelined statement starts when the one before ends.
         event.started = max(event.started, self._last_finish)
+        if self._done and self._last_finish == now:
+            self._done[-1].reply_batched = True
         event.finished = now
         self._last_finish = now
         self._done.append(event)
@@ -366,17 +420,13 @@ class StatementTracker:
 
     def _ready(self, body: memoryview | None) -> None:
         status = bytes(body[:1]) if body is not None else b"I"
-        round_trip = 0
         while self._queue:
-            kind, item = self._queue.popleft()
-            if kind == "sync" or kind == "function":
-                round_trip = item  # type: ignore[assignment]
+            kind, _ = self._queue.popleft()
+            if kind in ("sync", "function", "query"):
                 break
-            if kind == "query":
-                round_trip = item.round_trip  # type: ignore[attr-defined]
-                break
-        before = self._rt_started.pop(round_trip, self.status)
-        self._flush(before, status)
+        # Replies come in order, so the status the previous ReadyForQuery reported is the one
+        # this round trip started in, even when the client pipelined it before that reply.
+        self._flush(self.status, status)
         self.status = status
 
     def _flush(self, before: bytes, after: bytes) -> None:
@@ -403,7 +453,16 @@ class StatementTracker:
         self.desynchronized += 1
         self._queue.clear()
         self._done.clear()
-        self._rt_started.clear()
+
+
+def _with_formats(columns: tuple[m.Column, ...], formats: tuple[int, ...]) -> tuple[m.Column, ...]:
+    """Columns as a Bind's result format codes deliver them (none: text, one: all)."""
+    if len(formats) > 1 and len(formats) != len(columns):
+        raise ValueError("result format codes do not match the columns")
+    return tuple(
+        replace(c, format=formats[i] if len(formats) > 1 else formats[0] if formats else 0)
+        for i, c in enumerate(columns)
+    )
 
 
 def _bind_params(raw: bytes) -> tuple[tuple[bytes | None, int], ...] | None:

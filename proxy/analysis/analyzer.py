@@ -23,6 +23,18 @@ from pglast import parser
 __all__ = ["Analyzer", "Lookup", "Parsed", "StatementInfo", "extract_literals"]
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+# What normalize() replaces by `$n`: a whole constant, so a piece of the original text is
+# taken for a literal only if it is one (a segment found inside a string is not an end).
+_LITERAL = re.compile(
+    r"""
+      -?\s*(?:0[xob][0-9a-f_]+|(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:e[-+]?\d+)?)
+    | (?:e'(?:[^'\\]|\\.|'')*'|(?:[bx]|u&)?'(?:[^']|'')*')(?:\s*\n\s*'(?:[^']|'')*')*
+    | \$(\w*)\$.*?\$\1\$
+    | true | false | null
+    | \$\d+
+    """,
+    re.IGNORECASE | re.DOTALL | re.VERBOSE,
+)
 
 _COMMANDS = {
     "SelectStmt": "SELECT",
@@ -117,8 +129,8 @@ def extract_literals(original: str, normalized: str) -> tuple[str, ...] | None:
     """The literal tokens `normalize` replaced, in order, or None if they cannot be aligned.
 
     normalize() rewrites constants in place and keeps every other character, so the
-    text between placeholders is found verbatim in the original; the reconstruction must
-    equal the original exactly, which rules out a misalignment going unnoticed.
+    text between placeholders is found verbatim in the original; each piece taken for a
+    literal must be a whole constant, and the reconstruction must equal the original.
     """
     pieces = _PLACEHOLDER.split(normalized)
     segments = pieces[0::2]
@@ -129,9 +141,15 @@ def extract_literals(original: str, normalized: str) -> tuple[str, ...] | None:
     if not original.startswith(segments[0]):
         return None
     for segment in segments[1:]:
-        end = original.find(segment, pos + 1) if segment else len(original)
-        if end < 0:
-            return None
+        end = pos
+        while True:  # the first end that makes a whole constant
+            end = original.find(segment, end + 1) if segment else len(original)
+            if end < 0:
+                return None
+            if _LITERAL.fullmatch(original, pos, end):
+                break
+            if not segment:
+                return None
         literals.append(original[pos:end])
         pos = end + len(segment)
     if pos != len(original):
@@ -181,10 +199,13 @@ class Analyzer:
             return (Parsed(_unparsable(sql[:200], "statement too long to analyse")),)
         try:
             normalized = parser.normalize(sql)
-        except parser.ParseError as exc:
+        except (parser.ParseError, UnicodeEncodeError) as exc:
+            # UnicodeEncodeError: bytes that are not UTF-8 (another client_encoding); its
+            # message would quote one of them, so it is not kept
+            error = str(exc) if isinstance(exc, parser.ParseError) else "not UTF-8 text"
             self.unparsed += 1
             self.misses += 1
-            result = (Parsed(_unparsable(sql, str(exc))),)
+            result = (Parsed(_unparsable(sql, error)),)
             self._by_text.put(sql, result)
             return result
         infos = self._by_normalized.get_hit(normalized)
@@ -265,6 +286,9 @@ def _unparsable(sql: str, error: str) -> StatementInfo:
 def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     ((kind, node),) = stmt.items()
     command = _COMMANDS.get(kind) or kind.removesuffix("Stmt").upper()
+    for verb in ("CREATE", "ALTER", "DROP"):  # CreateFunctionStmt, AlterRoleStmt, ...
+        if command.startswith(verb):
+            command = verb
     if kind == "TransactionStmt":
         command = _TRANSACTION_KINDS.get(node.get("kind", ""), "TRANSACTION")
     try:
@@ -280,6 +304,12 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     elif kind in ("UpdateStmt", "DeleteStmt"):
         facts = {"has_where": "whereClause" in node}
         facts["lookups"] = _lookups(node.get("whereClause"), tables)
+    if any(lookup.table not in (None, *tables) for lookup in facts.get("lookups", ())):
+        aliases = _aliases(stmt)  # `o.id = $1` with `orders o` in a join: the table is orders
+        facts["lookups"] = tuple(
+            replace(lookup, table=aliases.get(lookup.table, lookup.table))
+            for lookup in facts["lookups"]
+        )
     params = [int(n) for n in _PLACEHOLDER.findall(text)]
     return StatementInfo(
         fingerprint=fingerprint,
@@ -315,6 +345,19 @@ def _tables(stmt: dict[str, Any]) -> tuple[str, ...]:
         full = f"{rv['schemaname']}.{name}" if "schemaname" in rv else name
         seen[full] = None
     return tuple(sorted(seen))
+
+
+def _aliases(stmt: dict[str, Any]) -> dict[str, str]:
+    """Alias -> table of every aliased relation in the statement."""
+    found = {}
+    for n in _walk(stmt):
+        rv = n.get("RangeVar") if "RangeVar" in n else (n if "relname" in n else None)
+        if isinstance(rv, dict) and "relname" in rv and "alias" in rv:
+            name = rv["relname"]
+            found[rv["alias"]["aliasname"]] = (
+                f"{rv['schemaname']}.{name}" if "schemaname" in rv else name
+            )
+    return found
 
 
 def _column_name(expr: dict[str, Any]) -> tuple[str | None, str] | None:

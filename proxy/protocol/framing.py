@@ -73,6 +73,15 @@ class FrameDecoder:
         """The start of an incomplete inspected message, kept until the rest arrives."""
         return bytes(self._buf)
 
+    def remaining(self) -> tuple[bytes, int]:
+        """Where the stream stands inside a message, for a reader taking over from here:
+        the bytes of a header not yet complete, and the body bytes still to come."""
+        if self._skip:
+            return b"", self._skip
+        if self._need:
+            return b"", self._need
+        return bytes(self._buf), 0
+
     @property
     def at_boundary(self) -> bool:
         """True when the stream so far ends exactly at a message boundary."""

@@ -1,0 +1,43 @@
+"""slow_query: a statement that ran longer than `threshold` and was not cancelled."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from proxy.advice import Advice
+from proxy.detectors.base import Detector, SessionIdentity
+from proxy.statements import StatementEvent
+
+__all__ = ["SlowQuery"]
+
+
+class SlowQuery(Detector):
+    rule: ClassVar[str] = "slow_query"
+    defaults: ClassVar[dict[str, Any]] = {"threshold": 1.0}
+
+    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+        super().__init__(options, identity)
+        self.threshold = float(self.options["threshold"])
+
+    def observe(self, event: StatementEvent) -> list[Advice]:
+        # A cancelled statement (57014) is the timeout's business, not slow-query advice.
+        if event.duration < self.threshold or event.sqlstate == "57014" or event.reply_batched:
+            return []
+        info = event.info
+        if info.command in ("COPY", "VACUUM", "CREATE", "ALTER", "CALL", "DO"):
+            return []  # maintenance and bulk work are slow by nature
+        tables = ", ".join(info.tables) or "no table"
+        return [
+            self.advice(
+                event,
+                severity="critical" if event.duration >= 10 * self.threshold else "warning",
+                count=1,
+                suggestion=(
+                    f"This {info.command} ({tables}) took {event.duration:.2f}s. Look at its "
+                    "plan with EXPLAIN (ANALYZE, BUFFERS) using real values: a missing index "
+                    "or a scan of a growing table is the usual cause."
+                ),
+                suggested_sql=None,
+                time_spent_s=event.duration,
+            )
+        ]

@@ -1,0 +1,341 @@
+"""Statement and transaction timeouts: which limit applies, and the timers that enforce it.
+
+The policy is pure (first matching rule wins, cached per statement shape and identity).
+The guard owns one statement timer and the transaction timers of a session; it is told
+which statement the server is executing now and fires only if that very statement is
+still running, so a timer that outlives its statement can never cancel the next one.
+The error editor rewrites PostgreSQL's cancel message into one that names the rule,
+passing every other byte through untouched and unbuffered.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.analysis.analyzer import StatementInfo
+from proxy.config import TimeoutMatch, TimeoutSettings
+from proxy.detectors.base import SessionIdentity
+from proxy.protocol.messages import ErrorResponse
+from proxy.statements import Running, StatementEvent
+
+__all__ = ["ErrorEditor", "Limit", "TimeoutGuard", "TimeoutPolicy", "flush_after_executes"]
+
+_CACHE_SIZE = 4096
+_HEADER = struct.Struct("!BI")
+_MAX_ERROR = 1 << 20  # ErrorResponses larger than this pass through unedited
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    rule: str  # the rule's name, or "default"
+    seconds: float
+
+    def describe(self) -> str:
+        return f"{self.seconds:g}s" if self.seconds >= 1 else f"{self.seconds * 1000:g}ms"
+
+
+class TimeoutPolicy:
+    def __init__(self, settings: TimeoutSettings) -> None:
+        self.settings = settings
+        self._cache: dict[tuple[str, SessionIdentity], tuple[Limit | None, Limit | None]] = {}
+
+    @property
+    def enforces_anything(self) -> bool:
+        s = self.settings
+        return bool(s.statement or s.transaction or s.idle_in_transaction or s.rules)
+
+    def limits(
+        self, info: StatementInfo, identity: SessionIdentity
+    ) -> tuple[Limit | None, Limit | None]:
+        """(statement limit, transaction limit) for a statement run by `identity`."""
+        key = (info.fingerprint or info.normalized or info.command, identity)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        statement = transaction = None
+        for rule in self.settings.rules:
+            if _matches(rule.match, info, identity):
+                if rule.statement:
+                    statement = Limit(rule.name, rule.statement)
+                if rule.transaction:
+                    transaction = Limit(rule.name, rule.transaction)
+                break
+        if statement is None and self.settings.statement:
+            statement = Limit("default", self.settings.statement)
+        if transaction is None and self.settings.transaction:
+            transaction = Limit("default", self.settings.transaction)
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = (statement, transaction)
+        return statement, transaction
+
+
+def _matches(match: TimeoutMatch, info: StatementInfo, identity: SessionIdentity) -> bool:
+    if match.command is not None and info.command != match.command:
+        return False
+    if match.fingerprint is not None and info.fingerprint != match.fingerprint:
+        return False
+    if match.user is not None and identity.user != match.user:
+        return False
+    if match.database is not None and identity.database != match.database:
+        return False
+    if match.application_name is not None and identity.application_name != match.application_name:
+        return False
+    if match.tables is not None:
+        referenced = set(info.tables) | {t.rsplit(".", 1)[-1] for t in info.tables}
+        if not referenced.intersection(match.tables):
+            return False
+    return True
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+Scheduler = Callable[..., TimerHandle]
+
+
+class TimeoutGuard:
+    """One session's timers. The session reports progress; callbacks report expiry."""
+
+    def __init__(
+        self,
+        policy: TimeoutPolicy,
+        identity: SessionIdentity,
+        call_later: Scheduler,
+        clock: Callable[[], float],
+        on_statement: Callable[[StatementInfo, float, Limit], None],
+        on_transaction: Callable[[str, Limit], None],
+    ) -> None:
+        self.policy = policy
+        self.identity = identity
+        self.call_later = call_later
+        self.clock = clock
+        self.on_statement = on_statement
+        self.on_transaction = on_transaction
+        self._running: StatementEvent | None = None
+        self._statement_timer: TimerHandle | None = None
+        self._tx_timer: TimerHandle | None = None
+        self._tx_deadline: float | None = None
+        self._tx_limit: Limit | None = None
+        self._tx_started: float | None = None
+        self._idle_timer: TimerHandle | None = None
+
+    # ------------------------------------------------------------ statements
+
+    def running(self, current: Running | None) -> None:
+        """What the server executes now, as the tracker sees it (None when idle)."""
+        event = current.event if current is not None else None
+        if event is self._running:
+            return
+        if self._statement_timer is not None:
+            self._statement_timer.cancel()
+            self._statement_timer = None
+        self._running = event
+        if current is None or event is None:
+            return
+        statement, transaction = self.policy.limits(event.info, self.identity)
+        if transaction is not None and self._tx_started is not None:
+            self._tighten_transaction(transaction)
+        # PostgreSQL sends the replies of a multi-statement Query only when it ends, so the
+        # statements after this one may be running unseen. Each gets a deadline counted
+        # from now plus the limits of the statements before it: a statement with no limit
+        # of its own is assumed quick (the limitation the README states).
+        best: tuple[float, StatementInfo, float, Limit] | None = None
+        budget = current.started
+        for index, info in enumerate((event.info, *current.later)):
+            limit = statement if index == 0 else self.policy.limits(info, self.identity)[0]
+            if limit is None:
+                continue
+            deadline = budget + limit.seconds
+            if best is None or deadline < best[0]:
+                best = (deadline, info, budget, limit)
+            budget = deadline
+        if best is not None:
+            deadline, info, started, limit = best
+            delay = max(0.0, deadline - self.clock())
+            self._statement_timer = self.call_later(
+                delay, self._statement_expired, event, info, started, limit
+            )
+
+    def _statement_expired(
+        self, event: StatementEvent, info: StatementInfo, started: float, limit: Limit
+    ) -> None:
+        self._statement_timer = None
+        if event is self._running and not event.finished:
+            self.on_statement(info, started, limit)
+
+    # ---------------------------------------------------------- transactions
+
+    def ready(self, status: bytes, idle: bool) -> None:
+        """A ReadyForQuery passed: `status` is its transaction status, `idle` that nothing
+        more is owed by the server (the client is the one to act next)."""
+        if status == b"I":
+            self._end_transaction()
+            return
+        now = self.clock()
+        if self._tx_started is None:
+            self._tx_started = now
+            if self.policy.settings.transaction:
+                self._tighten_transaction(Limit("default", self.policy.settings.transaction))
+        if idle and self.policy.settings.idle_in_transaction:
+            self._cancel_idle()
+            limit = Limit("default", self.policy.settings.idle_in_transaction)
+            self._idle_timer = self.call_later(limit.seconds, self._idle_expired, limit)
+
+    def client_active(self) -> None:
+        self._cancel_idle()
+
+    def _tighten_transaction(self, limit: Limit) -> None:
+        assert self._tx_started is not None
+        deadline = self._tx_started + limit.seconds
+        if self._tx_deadline is not None and deadline >= self._tx_deadline:
+            return
+        if self._tx_timer is not None:
+            self._tx_timer.cancel()
+        self._tx_deadline, self._tx_limit = deadline, limit
+        self._tx_timer = self.call_later(
+            max(0.0, deadline - self.clock()), self._transaction_expired, limit
+        )
+
+    def _transaction_expired(self, limit: Limit) -> None:
+        self._tx_timer = None
+        if self._tx_started is not None:
+            self.on_transaction("transaction", limit)
+
+    def _idle_expired(self, limit: Limit) -> None:
+        self._idle_timer = None
+        if self._tx_started is not None:
+            self.on_transaction("idle_in_transaction", limit)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _end_transaction(self) -> None:
+        self._cancel_idle()
+        if self._tx_timer is not None:
+            self._tx_timer.cancel()
+        self._tx_timer = self._tx_deadline = self._tx_limit = self._tx_started = None
+
+    def close(self) -> None:
+        self.running(None)
+        self._end_transaction()
+
+
+class ErrorEditor:
+    """Passes a server-to-client stream through, handing each ErrorResponse to `edit`.
+
+    Only ErrorResponse messages are held until complete (they are small); every other
+    byte is passed on as it arrives, whatever the message boundaries.
+    """
+
+    def __init__(
+        self, edit: Callable[[bytes], bytes], *, header_sent: bytes = b"", passing: int = 0
+    ) -> None:
+        """Starts mid-stream: `header_sent` is the start of a header already passed on,
+        `passing` the rest of a message already being passed on."""
+        self.edit = edit
+        self._header = bytearray(header_sent)  # a partial message header
+        self._header_sent = len(header_sent)
+        self._passing = passing  # bytes of a message still to pass through unedited
+        self._error = bytearray()  # an ErrorResponse being collected
+        self._error_need = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._header and not self._passing and not self._error
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes | memoryview] = []
+        view = memoryview(data)
+        pos, size = 0, len(view)
+        while pos < size:
+            if self._passing:
+                take = min(self._passing, size - pos)
+                out.append(view[pos : pos + take])
+                self._passing -= take
+                pos += take
+                continue
+            if self._error:
+                take = min(self._error_need, size - pos)
+                self._error += view[pos : pos + take]
+                self._error_need -= take
+                pos += take
+                if not self._error_need:
+                    out.append(self.edit(bytes(self._error)))
+                    self._error.clear()
+                continue
+            take = min(5 - len(self._header), size - pos)
+            self._header += view[pos : pos + take]
+            pos += take
+            if len(self._header) < 5:
+                continue
+            mtype, length = _HEADER.unpack_from(self._header)
+            header = bytes(self._header)
+            self._header.clear()
+            if self._header_sent:  # its start already went out: pass the rest unedited
+                out.append(header[self._header_sent :])
+                self._header_sent = 0
+                self._passing = max(0, length - 4)
+            elif mtype == 0x45 and 4 <= length <= _MAX_ERROR:
+                self._error += header
+                self._error_need = length - 4
+                if not self._error_need:
+                    out.append(self.edit(bytes(self._error)))
+                    self._error.clear()
+            else:
+                out.append(header)
+                self._passing = max(0, length - 4)
+        return b"".join(out)
+
+
+def rewrite_cancel(raw: bytes, limit: Limit) -> bytes | None:
+    """PostgreSQL's 57014 cancel error with a message naming pgwarden's rule; else None."""
+    try:
+        error = ErrorResponse.decode(memoryview(raw)[5:])
+    except ValueError:
+        return None
+    if error.sqlstate != "57014":
+        return None
+    fields = dict(error.fields)
+    fields["M"] = (
+        f'canceling statement due to statement timeout (pgwarden rule "{limit.rule}", '
+        f"{limit.describe()})"
+    )
+    return ErrorResponse(fields).encode()
+
+
+_FLUSH = b"H\0\0\0\x04"
+_SYNC_OR_FLUSH = (0x53, 0x48)
+
+
+def flush_after_executes(data: bytes) -> bytes:
+    """`data` (starting at a message boundary) with a Flush after every Execute that is not
+    already followed by a Sync or Flush.
+
+    PostgreSQL holds the replies of pipelined statements until a Sync or Flush, so without
+    this pgwarden could not see when one statement ends and the next begins, and could
+    not time them one by one. Flush has no reply: the client sees no difference.
+    """
+    parts: list[bytes] = []
+    pos = last = 0
+    size = len(data)
+    while pos + 5 <= size:
+        mtype, length = _HEADER.unpack_from(data, pos)
+        end = pos + 1 + length
+        if end > size:
+            break
+        if mtype == 0x45 and (end >= size or data[end] not in _SYNC_OR_FLUSH):
+            parts.append(data[last:end])
+            parts.append(_FLUSH)
+            last = end
+        pos = end
+    if not parts:
+        return data
+    parts.append(data[last:])
+    return b"".join(parts)
