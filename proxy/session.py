@@ -153,7 +153,7 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.READY or self.phase is Phase.AUTH:
-            at_boundary = self._client_frames.at_boundary
+            flush = self.guard is not None and self._client_frames.at_boundary
             try:
                 frames = self._client_frames.feed(data)
             except ProtocolViolation as exc:
@@ -161,7 +161,7 @@ class Session(asyncio.Protocol):
                 return
             assert self.server is not None
             self.bytes_in += len(data)
-            if self.guard is not None and at_boundary:
+            if flush:
                 data = flush_after_executes(data)  # see when each pipelined statement ends
             self.server.write(data)
             if frames:

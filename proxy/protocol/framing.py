@@ -89,35 +89,38 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, memoryview | None]]:
         out: list[tuple[int, memoryview | None]] = []
-        view = memoryview(data)
-        size = len(view)
+        size = len(data)
         pos = 0
         if self._skip:
             pos = min(self._skip, size)
             self._skip -= pos
+        view: memoryview | None = None  # made only when a body is handed out
         if self._buf and pos < size:
+            view = memoryview(data)
             pos = self._continue_partial(view, pos, out)
         interest = self.interest
         limit = self.inspect_limit
-        unpack = _HEADER.unpack_from
+        unpack = _HEADER.unpack_from  # reads bytes faster than it reads a memoryview
         while pos < size:
             if size - pos < 5:
-                self._buf += view[pos:]
+                self._buf += memoryview(data)[pos:]
                 break
-            mtype, length = unpack(view, pos)
+            mtype, length = unpack(data, pos)
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
             want = interest[mtype]
             if end <= size:
                 if want == BODY and length - 4 <= limit:
+                    if view is None:
+                        view = memoryview(data)
                     out.append((mtype, view[pos + 5 : end]))
                 elif want:
                     out.append((mtype, None))
                 pos = end
                 continue
             if want == BODY and length - 4 <= limit:
-                self._buf += view[pos:]
+                self._buf += memoryview(data)[pos:]
                 self._need = end - size
             else:
                 if want:
