@@ -157,6 +157,11 @@ class InsertLoopSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    max_fingerprints: int = field(default=200, metadata=_positive(maximum=10000))
+
+
+@dataclass(frozen=True)
 class SlowQuerySettings:
     enabled: bool = True
     threshold: Duration = Duration(1.0)
@@ -225,6 +230,7 @@ class Settings:
     detectors: DetectorSettings = DetectorSettings()
     advice: AdviceSettings = AdviceSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
+    metrics: MetricsSettings = MetricsSettings()
     source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.fingerprints import FingerprintStats
 
 if TYPE_CHECKING:
     from proxy.advice import Advice
@@ -107,6 +108,22 @@ class Metrics:
             "Client connections accepted since start",
             registry=r,
         )
+        self.server_connections_opened = Counter(
+            "pgwarden_server_connections_opened",
+            "Connections opened to the upstream PostgreSQL since start",
+            registry=r,
+        )
+        self.transactions = Counter(
+            "pgwarden_transactions", "Transactions ended (committed or rolled back)", registry=r
+        )
+        self.transaction_duration = Histogram(
+            "pgwarden_transaction_duration_seconds",
+            "Transaction duration, from the first statement to the end",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.fingerprints = FingerprintStats()
+        r.register(self.fingerprints)
         self.server_connections = Gauge(
             "pgwarden_server_connections",
             "Connections to the upstream PostgreSQL currently open",
@@ -195,7 +212,11 @@ class Metrics:
             children = (self._queries.labels(label), self._durations.labels(label))
             self._by_command[command] = children
         children[0].inc()  # type: ignore[attr-defined]
-        children[1].observe(event.duration)  # type: ignore[attr-defined]
+        duration = event.duration
+        children[1].observe(duration)  # type: ignore[attr-defined]
+        info = event.info
+        if info.fingerprint:
+            self.fingerprints.record(info.fingerprint, info.normalized, command, duration)
         if event.sqlstate and event.sqlstate != "skipped":
             self.record_error(event.sqlstate)
 

@@ -61,6 +61,7 @@ class ProxyServer:
         self._configure_analysis(settings)
         self._admin = AdminServer(self)
         self._admin.route("/advice", self._advice)
+        self._admin.route("/fingerprints", self._fingerprints)
         self._cancels: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Future[None] | None = None
@@ -144,6 +145,7 @@ class ProxyServer:
     def _configure_analysis(self, settings: Settings) -> None:
         """New sessions pick up analysis and detector settings; running ones keep theirs."""
         self.sink.repeat_interval = settings.advice.repeat_interval
+        self.metrics.fingerprints.max_series = settings.metrics.max_fingerprints
         policy = TimeoutPolicy(settings.timeouts)
         self.timeouts = policy if policy.enforces_anything else None
         if not settings.analysis.enabled and self.timeouts is None:
@@ -157,6 +159,9 @@ class ProxyServer:
 
     async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
         return json_response(200, {"advice": self.sink.snapshot()})
+
+    async def _fingerprints(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        return json_response(200, {"fingerprints": self.metrics.fingerprints.snapshot()})
 
     # --------------------------------------------------------------- sessions
 

@@ -104,6 +104,7 @@ class Session(asyncio.Protocol):
         self._editor: ErrorEditor | None = None  # rewrites the error of a timed-out statement
         self._timed_out: Limit | None = None  # the limit of a statement being cancelled
         self._paused: set[str] = set()  # why reading from the client is paused
+        self._transaction_started = 0.0
         limits = self.settings.limits
         self._startup_buf = bytearray()
         self._startup_raw = b""
@@ -294,6 +295,7 @@ class Session(asyncio.Protocol):
         self.metrics.upstream_connect_duration.observe(time.perf_counter() - began)
         self.server = transport  # type: ignore[assignment]
         self.metrics.server_connections.inc()
+        self.metrics.server_connections_opened.inc()
         self.phase = Phase.AUTH
         transport.write(self._startup_raw)
         if self._startup_buf:
@@ -317,7 +319,10 @@ class Session(asyncio.Protocol):
             if frames:
                 if self.inspector is not None:
                     self.inspector.server(frames)
+                status = self.round_trips.status
                 ready = self.round_trips.server(frames)
+                if ready and self.round_trips.status != status:
+                    self._transaction_status_changed(status)
                 if self.guard is not None:
                     if ready:
                         self._timed_out = None  # the round trip ended: its error went through
@@ -402,6 +407,16 @@ class Session(asyncio.Protocol):
             self._server_frames.interest = SERVER_INTEREST
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self._identity())
+
+    def _transaction_status_changed(self, before: bytes) -> None:
+        if before == b"I":
+            self._transaction_started = time.perf_counter()
+        elif self.round_trips.status == b"I" and self._transaction_started:
+            self.metrics.transactions.inc()
+            self.metrics.transaction_duration.observe(
+                time.perf_counter() - self._transaction_started
+            )
+            self._transaction_started = 0.0
 
     # ---------------------------------------------------------------- timeouts
 
