@@ -218,6 +218,35 @@ class TimeoutSettings:
 
 
 @dataclass(frozen=True)
+class RuleMatch:
+    """What a rewrite or block rule applies to; every given field must match."""
+
+    fingerprint: str | None = None
+    statement: str | None = None  # normalized SQL, compared after normalizing both sides
+    command: str | None = None
+    without_where: bool | None = None  # UPDATE or DELETE with no WHERE clause
+    tables: tuple[str, ...] | None = None
+    user: str | None = None
+    database: str | None = None
+    application_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RewriteRule:
+    name: str
+    match: RuleMatch = RuleMatch()
+    replace: str = ""
+    mode: str = field(default="enforce", metadata=_choice("enforce", "log"))
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    name: str
+    match: RuleMatch = RuleMatch()
+    mode: str = field(default="enforce", metadata=_choice("enforce", "log"))
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: Address = Address("127.0.0.1", 6432)
     upstream: UpstreamSettings = UpstreamSettings()
@@ -231,6 +260,8 @@ class Settings:
     advice: AdviceSettings = AdviceSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     metrics: MetricsSettings = MetricsSettings()
+    rewrites: tuple[RewriteRule, ...] = ()
+    blocks: tuple[BlockRule, ...] = ()
     source: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,6 +369,12 @@ def _check(settings: Settings) -> None:
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{name}: no such file {path!r}")
     _check_timeouts(settings.timeouts)
+    from rewriters.rules import check_rules  # rules are parsed with pglast at load
+
+    try:
+        check_rules(settings.rewrites, settings.blocks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     up = settings.upstream
     if up.sslmode == "verify-full" and not up.sslrootcert:
         raise ConfigError("upstream.sslrootcert: required when sslmode is verify-full")

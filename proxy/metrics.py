@@ -201,6 +201,18 @@ class Metrics:
             kind: transaction_timeouts.labels(kind)
             for kind in ("transaction", "idle_in_transaction")
         }
+        self.rewrites = Counter(
+            "pgwarden_rewrites",
+            "Statements a rewrite rule replaced (mode=enforce) or would have (mode=log)",
+            ["rule", "mode"],
+            registry=r,
+        )
+        self.blocks = Counter(
+            "pgwarden_blocks",
+            "Statements a block rule refused (mode=enforce) or would have (mode=log)",
+            ["rule", "mode"],
+            registry=r,
+        )
         self._by_command: dict[str, tuple[object, object]] = {}
         self._by_sqlstate: dict[str, object] = {}
 

@@ -20,6 +20,7 @@ from proxy.metrics import Metrics
 from proxy.protocol.startup import CancelRequest
 from proxy.session import Session
 from proxy.timeouts import TimeoutPolicy
+from rewriters.rules import RuleEngine
 
 __all__ = ["ProxyServer", "server_ssl_context"]
 
@@ -58,6 +59,7 @@ class ProxyServer:
         self.metrics.watch_sessions(lambda: self.sessions)
         self.analysis: Analysis | None = None
         self.timeouts: TimeoutPolicy | None = None
+        self.rules: RuleEngine | None = None
         self._configure_analysis(settings)
         self._admin = AdminServer(self)
         self._admin.route("/advice", self._advice)
@@ -148,11 +150,13 @@ class ProxyServer:
         self.metrics.fingerprints.max_series = settings.metrics.max_fingerprints
         policy = TimeoutPolicy(settings.timeouts)
         self.timeouts = policy if policy.enforces_anything else None
-        if not settings.analysis.enabled and self.timeouts is None:
+        rules = RuleEngine(settings.rewrites, settings.blocks)
+        self.rules = rules if rules.active else None
+        if not settings.analysis.enabled and self.timeouts is None and self.rules is None:
             self.analysis = None
             return
-        # Timeouts need statements tracked and analysed (tables, fingerprints) even when
-        # analysis is off; the detectors then stay off.
+        # Timeouts and rules need statements tracked and analysed (tables, fingerprints)
+        # even when analysis is off; the detectors then stay off.
         detectors = settings.detectors.enabled() if settings.analysis.enabled else {}
         self.analyzer.resize(settings.analysis.cache_size)
         self.analysis = Analysis(self.analyzer, self.sink, self.metrics, detectors)

@@ -17,6 +17,7 @@ import asyncio
 import enum
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -25,6 +26,7 @@ from proxy.detectors import SessionIdentity
 from proxy.inspector import Analysis, Inspector
 from proxy.logs import get_logger
 from proxy.protocol import messages as m
+from proxy.protocol.editor import MessageEditor
 from proxy.protocol.framing import FrameDecoder, ProtocolViolation
 from proxy.protocol.startup import (
     CancelRequest,
@@ -42,6 +44,7 @@ from proxy.timeouts import (
     rewrite_cancel,
 )
 from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
+from rewriters.rules import Decision, RuleEngine, rewrite_statements
 
 if TYPE_CHECKING:
     from proxy.analysis.analyzer import StatementInfo
@@ -65,6 +68,7 @@ class SessionHost(Protocol):
     server_tls: ssl.SSLContext | None
     analysis: Analysis | None
     timeouts: TimeoutPolicy | None
+    rules: RuleEngine | None
 
     def session_ready(self, session: Session) -> None: ...
     def session_closed(self, session: Session) -> None: ...
@@ -105,6 +109,8 @@ class Session(asyncio.Protocol):
         self._timed_out: Limit | None = None  # the limit of a statement being cancelled
         self._paused: set[str] = set()  # why reading from the client is paused
         self._transaction_started = 0.0
+        self._statements: MessageEditor | None = None  # applies rewrite and block rules
+        self._blocked: deque[str] = deque()  # rules whose marker error is on its way back
         limits = self.settings.limits
         self._startup_buf = bytearray()
         self._startup_raw = b""
@@ -154,6 +160,10 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.READY or self.phase is Phase.AUTH:
+            if self._statements is not None:
+                data = self._statements.feed(data)  # holds a Query or Parse until complete
+                if not data:
+                    return
             flush = self.guard is not None and self._client_frames.at_boundary
             try:
                 frames = self._client_frames.feed(data)
@@ -332,6 +342,14 @@ class Session(asyncio.Protocol):
                         self.guard.ready(rt.status, not rt.awaiting and not rt.unsynced)
                 if ready and self.draining:
                     self._drain_if_idle()
+            editor = self._editor
+            if (
+                editor is not None
+                and self._timed_out is None
+                and not self._blocked
+                and editor.at_boundary
+            ):
+                self._editor = None
         elif self.phase is Phase.AUTH:
             self._server_auth_data(data)
 
@@ -393,6 +411,9 @@ class Session(asyncio.Protocol):
             self._server_frames.interest = statements.SERVER_INTEREST
             self._client_frames.interest = statements.CLIENT_INTEREST
             self._client_frames.inspect_limit = analysis.analyzer.max_statement_length * 4
+            rules = self.host.rules
+            if rules is not None and rules.active:
+                self._statements = MessageEditor(b"QP", self._apply_rules)
             if self.host.timeouts is not None:
                 loop = asyncio.get_running_loop()
                 self.guard = TimeoutGuard(
@@ -421,12 +442,16 @@ class Session(asyncio.Protocol):
     # ---------------------------------------------------------------- timeouts
 
     def _track_running(self) -> None:
-        """Tells the guard what runs now, and ends error editing once it is not needed."""
+        """Tells the guard what the server runs now."""
         assert self.guard is not None
         tracker = self.inspector.tracker if self.inspector is not None else None
         self.guard.running(tracker.current() if tracker is not None else None)
-        if self._timed_out is None and self._editor is not None and self._editor.at_boundary:
-            self._editor = None
+
+    def _edit_errors(self) -> None:
+        """Starts rewriting errors on their way to the client, from where the stream is."""
+        if self._editor is None:
+            header, passing = self._server_frames.remaining()
+            self._editor = ErrorEditor(self._edit_error, header_sent=header, passing=passing)
 
     def _statement_timed_out(self, info: StatementInfo, started: float, limit: Limit) -> None:
         if self.phase is not Phase.READY or self.server is None:
@@ -442,15 +467,17 @@ class Session(asyncio.Protocol):
             **self._identity(),
         )
         self._timed_out = limit
-        if self._editor is None:
-            header, passing = self._server_frames.remaining()
-            self._editor = ErrorEditor(self._edit_error, header_sent=header, passing=passing)
+        self._edit_errors()
         # Nothing new reaches the server until the cancel has been delivered, so a cancel
         # that arrives after the statement ended cannot hit the next one.
         self.pause_client("cancel")
         self.host.cancel_backend(self, lambda: self.resume_client("cancel"))
 
     def _edit_error(self, raw: bytes) -> bytes:
+        if self._blocked:
+            rewritten = self._block_error(raw)
+            if rewritten is not None:
+                return rewritten
         timed_out = self._timed_out
         if timed_out is None:
             return raw
@@ -485,6 +512,72 @@ class Session(asyncio.Protocol):
                 f'(pgwarden rule "{limit.rule}", {limit.describe()})',
                 "transaction_timeout",
             )
+
+    # ------------------------------------------------------------------ rules
+
+    def _apply_rules(self, raw: bytes) -> bytes:
+        """A Query or Parse as it should reach the server: rewritten, blocked or as sent."""
+        rules = self.host.rules
+        analysis = self.host.analysis
+        if rules is None or analysis is None:
+            return raw
+        try:
+            message = m.decode(m.FRONTEND, raw[0], memoryview(raw)[5:])
+        except ValueError:
+            return raw  # malformed: the server will say so
+        assert isinstance(message, m.Query | m.Parse)
+        sql = message.sql
+        identity = SessionIdentity(self.user, self.database, self.application_name)
+        decisions = []
+        for index, statement in enumerate(analysis.analyzer.analyze(sql)):
+            decision = rules.decide(statement.info, identity)
+            if decision is not None:
+                self._rule_used(statement.info, decision)
+                if decision.enforce:
+                    decisions.append((index, decision))
+        if not decisions:
+            return raw
+        block = next((d for _, d in decisions if d.kind == "block"), None)
+        if block is not None:
+            self._blocked.append(block.rule)
+            self._edit_errors()
+            new_sql: str | None = rules.marker_token
+        else:
+            new_sql = rewrite_statements(sql, [(i, d.replace) for i, d in decisions])
+            if new_sql is None:
+                log.warning("rewrite_skipped", reason="literals could not be carried over")
+                return raw
+        if isinstance(message, m.Query):
+            return m.Query(new_sql).encode()
+        return m.Parse(message.name, new_sql, message.param_types).encode()
+
+    def _rule_used(self, info: StatementInfo, decision: Decision) -> None:
+        mode = "enforce" if decision.enforce else "log"
+        counter = self.metrics.rewrites if decision.kind == "rewrite" else self.metrics.blocks
+        counter.labels(decision.rule, mode).inc()
+        rules = self.host.rules
+        if rules is not None and rules.first_use(decision.rule, info.fingerprint):
+            log.info(
+                "rule_applied" if decision.enforce else "rule_would_apply",
+                kind=decision.kind,
+                rule=decision.rule,
+                statement=info.normalized,
+                fingerprint=info.fingerprint,
+                **self._identity(),
+            )
+
+    def _block_error(self, raw: bytes) -> bytes | None:
+        rules = self.host.rules
+        try:
+            error = m.ErrorResponse.decode(memoryview(raw)[5:])
+        except ValueError:
+            return None
+        if rules is None or rules.marker_token not in error.message:
+            return None
+        rule = self._blocked.popleft()
+        return m.ErrorResponse.build(
+            "ERROR", "42501", f'pgwarden: statement blocked by rule "{rule}"'
+        ).encode()
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None

@@ -18,6 +18,7 @@ from typing import Protocol
 from proxy.analysis.analyzer import StatementInfo
 from proxy.config import TimeoutMatch, TimeoutSettings
 from proxy.detectors.base import SessionIdentity
+from proxy.protocol.editor import MessageEditor
 from proxy.protocol.messages import ErrorResponse
 from proxy.statements import Running, StatementEvent
 
@@ -25,7 +26,6 @@ __all__ = ["ErrorEditor", "Limit", "TimeoutGuard", "TimeoutPolicy", "flush_after
 
 _CACHE_SIZE = 4096
 _HEADER = struct.Struct("!BI")
-_MAX_ERROR = 1 << 20  # ErrorResponses larger than this pass through unedited
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,71 +227,13 @@ class TimeoutGuard:
         self._end_transaction()
 
 
-class ErrorEditor:
-    """Passes a server-to-client stream through, handing each ErrorResponse to `edit`.
-
-    Only ErrorResponse messages are held until complete (they are small); every other
-    byte is passed on as it arrives, whatever the message boundaries.
-    """
+class ErrorEditor(MessageEditor):
+    """Passes a server-to-client stream through, handing each ErrorResponse to `edit`."""
 
     def __init__(
         self, edit: Callable[[bytes], bytes], *, header_sent: bytes = b"", passing: int = 0
     ) -> None:
-        """Starts mid-stream: `header_sent` is the start of a header already passed on,
-        `passing` the rest of a message already being passed on."""
-        self.edit = edit
-        self._header = bytearray(header_sent)  # a partial message header
-        self._header_sent = len(header_sent)
-        self._passing = passing  # bytes of a message still to pass through unedited
-        self._error = bytearray()  # an ErrorResponse being collected
-        self._error_need = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._header and not self._passing and not self._error
-
-    def feed(self, data: bytes) -> bytes:
-        out: list[bytes | memoryview] = []
-        view = memoryview(data)
-        pos, size = 0, len(view)
-        while pos < size:
-            if self._passing:
-                take = min(self._passing, size - pos)
-                out.append(view[pos : pos + take])
-                self._passing -= take
-                pos += take
-                continue
-            if self._error:
-                take = min(self._error_need, size - pos)
-                self._error += view[pos : pos + take]
-                self._error_need -= take
-                pos += take
-                if not self._error_need:
-                    out.append(self.edit(bytes(self._error)))
-                    self._error.clear()
-                continue
-            take = min(5 - len(self._header), size - pos)
-            self._header += view[pos : pos + take]
-            pos += take
-            if len(self._header) < 5:
-                continue
-            mtype, length = _HEADER.unpack_from(self._header)
-            header = bytes(self._header)
-            self._header.clear()
-            if self._header_sent:  # its start already went out: pass the rest unedited
-                out.append(header[self._header_sent :])
-                self._header_sent = 0
-                self._passing = max(0, length - 4)
-            elif mtype == 0x45 and 4 <= length <= _MAX_ERROR:
-                self._error += header
-                self._error_need = length - 4
-                if not self._error_need:
-                    out.append(self.edit(bytes(self._error)))
-                    self._error.clear()
-            else:
-                out.append(header)
-                self._passing = max(0, length - 4)
-        return b"".join(out)
+        super().__init__(b"E", edit, header_sent=header_sent, passing=passing)
 
 
 def rewrite_cancel(raw: bytes, limit: Limit) -> bytes | None:

@@ -1,0 +1,249 @@
+"""Rewrite and block rules: which statement to replace or refuse, and the text to send.
+
+Decisions are pure and cached per statement shape and identity. A rewrite keeps the
+original's parameter numbers; literals of a simple-protocol statement are carried into
+the replacement by putting their parsed nodes in place of its `$n` and deparsing, so
+quoting is pglast's, never string pasting. A block replaces the statement with a marker
+PostgreSQL cannot parse: the server then fails it exactly as it fails any statement
+(the rest of the Query, or everything until Sync, discarded; the transaction marked
+failed), and pgwarden rewrites that syntax error into its own 42501 error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pglast import ast, parse_sql, parser
+from pglast.stream import RawStream
+from pglast.visitors import Visitor
+
+from proxy.analysis.analyzer import StatementInfo, extract_literals
+
+if TYPE_CHECKING:
+    from proxy.config import BlockRule, RewriteRule, RuleMatch
+    from proxy.detectors.base import SessionIdentity
+
+__all__ = ["Decision", "RuleEngine", "check_rules", "fill_literals", "rewrite_statements"]
+
+_PARAM = re.compile(r"\$(\d+)")
+_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: str  # "rewrite" or "block"
+    rule: str
+    enforce: bool
+    replace: str = ""
+
+
+_PARAM_REF = re.compile(r'"ParamRef":\{"number":(\d+)')
+
+
+def _params(sql: str) -> set[int]:
+    """The `$n` parameters a statement refers to, from its parse tree."""
+    return {int(n) for n in _PARAM_REF.findall(parser.parse_sql_json(sql))}
+
+
+def check_rules(rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
+    """Raises ValueError naming the rule when one cannot work as written."""
+    names: set[str] = set()
+    for section, rules in (("rewrites", rewrites), ("blocks", blocks)):
+        for index, rule in enumerate(rules):
+            key = f"{section}[{index}]"
+            if not rule.name:
+                raise ValueError(f"{key}.name: must not be empty")
+            if rule.name in names:
+                raise ValueError(f"{key}.name: duplicate rule name {rule.name!r}")
+            names.add(rule.name)
+            match = rule.match
+            if match.statement is not None:
+                try:
+                    parser.normalize(match.statement)
+                    parse_sql(match.statement)
+                except parser.ParseError as exc:
+                    raise ValueError(f"{key}.match.statement: not valid SQL: {exc}") from None
+            if section == "rewrites":
+                _check_rewrite(key, rule)  # type: ignore[arg-type]
+            elif not any(
+                getattr(match, f) is not None
+                for f in ("fingerprint", "statement", "command", "without_where", "tables")
+            ):
+                raise ValueError(f"{key}.match: a block needs something to match on")
+
+
+def _check_rewrite(key: str, rule: RewriteRule) -> None:
+    match = rule.match
+    if match.fingerprint is None and match.statement is None:
+        raise ValueError(f"{key}.match: a rewrite matches by fingerprint or statement")
+    if not rule.replace:
+        raise ValueError(f"{key}.replace: required")
+    try:
+        statements = parse_sql(rule.replace)
+    except parser.ParseError as exc:
+        raise ValueError(f"{key}.replace: not valid SQL: {exc}") from None
+    if len(statements) != 1:
+        raise ValueError(f"{key}.replace: must be exactly one statement")
+    if match.statement is not None:
+        # The statement is matched in normalized form, where its literals are $n too.
+        expected = _params(parser.normalize(match.statement))
+        if _params(rule.replace) != expected:
+            raise ValueError(
+                f"{key}.replace: must use the same parameters as the statement it replaces "
+                f"({sorted(expected)} vs {sorted(_params(rule.replace))})"
+            )
+
+
+def _matches(match: RuleMatch, info: StatementInfo, identity: SessionIdentity) -> bool:
+    if match.fingerprint is not None and info.fingerprint != match.fingerprint:
+        return False
+    if match.statement is not None and info.fingerprint != _fingerprint(match.statement):
+        return False
+    if match.command is not None and info.command != match.command.upper():
+        return False
+    if match.without_where is not None:
+        lacking = info.command in ("UPDATE", "DELETE") and not info.has_where
+        if lacking != match.without_where:
+            return False
+    if match.tables is not None:
+        referenced = set(info.tables) | {t.rsplit(".", 1)[-1] for t in info.tables}
+        if not referenced.intersection(match.tables):
+            return False
+    if match.user is not None and identity.user != match.user:
+        return False
+    if match.database is not None and identity.database != match.database:
+        return False
+    return match.application_name is None or identity.application_name == match.application_name
+
+
+_fingerprints: dict[str, str] = {}
+
+
+def _fingerprint(sql: str) -> str:
+    """Statements match when their fingerprints do: that is normalizing both sides."""
+    value = _fingerprints.get(sql)
+    if value is None:
+        value = _fingerprints[sql] = parser.fingerprint(sql)
+    return value
+
+
+class RuleEngine:
+    def __init__(self, rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
+        self.rewrites = rewrites
+        self.blocks = blocks
+        self._cache: dict[tuple[str, SessionIdentity], Decision | None] = {}
+        self._used: set[tuple[str, str]] = set()
+        # SQL PostgreSQL refuses with a syntax error whose message names this token
+        self.marker_token = f"pgwarden_blocked_{secrets.token_hex(6)}"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rewrites or self.blocks)
+
+    def decide(self, info: StatementInfo, identity: SessionIdentity) -> Decision | None:
+        """The first block, else the first rewrite, that applies; None for most statements."""
+        if info.error is not None:
+            return None
+        key = (info.fingerprint, identity)
+        if key in self._cache:
+            return self._cache[key]
+        decision = None
+        for block in self.blocks:
+            if _matches(block.match, info, identity):
+                decision = Decision("block", block.name, block.mode == "enforce")
+                break
+        else:
+            for rewrite in self.rewrites:
+                if _matches(rewrite.match, info, identity):
+                    enforce = rewrite.mode == "enforce"
+                    decision = Decision("rewrite", rewrite.name, enforce, rewrite.replace)
+                    break
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = decision
+        return decision
+
+    def first_use(self, rule: str, fingerprint: str) -> bool:
+        """True the first time `rule` applies to a statement shape (bounded memory)."""
+        key = (rule, fingerprint)
+        if key in self._used or len(self._used) >= 10_000:
+            return False
+        self._used.add(key)
+        return True
+
+
+class _Fill(Visitor):  # type: ignore[misc]
+    def __init__(self, values: dict[int, ast.Node]) -> None:
+        super().__init__()
+        self.values = values
+
+    def visit_ParamRef(self, ancestors: object, node: ast.ParamRef) -> ast.Node | None:
+        return self.values.get(node.number)
+
+
+def fill_literals(original: str, replacement: str) -> str | None:
+    """`replacement` with the literals of `original` in place of its `$n`.
+
+    `$n` numbers follow `original` normalized (its own parameters first, then its
+    literals in order). Returns None when the literals cannot be lifted out.
+    """
+    try:
+        literals = extract_literals(original, parser.normalize(original))
+    except parser.ParseError:
+        return None
+    if literals is None:
+        return None
+    values: dict[int, ast.Node] = {}
+    for number in {int(n) for n in _PARAM.findall(replacement)}:
+        if number > len(literals):
+            return None
+        token = literals[number - 1]
+        if _PARAM.fullmatch(token):
+            continue  # the client's own parameter stays a parameter
+        try:
+            (select,) = parse_sql(f"SELECT {token}")
+        except (parser.ParseError, ValueError):
+            return None
+        values[number] = select.stmt.targetList[0].val
+    if not values:
+        return replacement
+    (statement,) = parse_sql(replacement)
+    _Fill(values)(statement)
+    return RawStream()(statement)
+
+
+def rewrite_statements(sql: str, replacements: list[tuple[int, str]]) -> str | None:
+    """`sql` with statement `index` replaced by its rule's text (literals carried over)."""
+    spans = _split_statements(sql)
+    if len(spans) == 1:
+        return fill_literals(sql, replacements[0][1]) if replacements[0][0] == 0 else None
+    out, last = [], 0
+    for index, replace in sorted(replacements):
+        if index >= len(spans):
+            return None
+        start, end = spans[index]
+        new = fill_literals(sql[start:end], replace)
+        if new is None:
+            return None
+        out += [sql[last:start], new]
+        last = end
+    out.append(sql[last:])
+    return "".join(out)
+
+
+def _split_statements(sql: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets of each statement of a Query text."""
+    encoded = sql.encode("utf-8")
+    tree = json.loads(parser.parse_sql_json(sql))
+    spans = []
+    for raw in tree.get("stmts", []):
+        start = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len") or len(encoded) - start
+        spans.append(
+            (len(encoded[:start].decode("utf-8")), len(encoded[: start + length].decode("utf-8")))
+        )
+    return spans
