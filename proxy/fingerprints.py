@@ -1,9 +1,10 @@
 """Per-fingerprint statement counts and time, with a bounded set of Prometheus series.
 
 Every statement costs one dict lookup and two additions here; series are built at scrape.
-A fingerprint gets its own series once it is among the costliest (by total time) while
-fewer than `max_series` exist; until then, and for all others, its counts go to
-`fingerprint="other"`. Series are never taken away, so every one stays monotonic, as a
+A fingerprint gets its own series when first seen while fewer than `max_series` exist
+(most applications have fewer statement shapes than that); once they are taken, the
+rest go to `fingerprint="other"`, and if the limit is raised the costliest of those (by
+total time) are promoted at the next scrape. Series are never taken away, so every one stays monotonic, as a
 counter must: the counts a fingerprint made before its promotion stay in "other".
 """
 
@@ -47,6 +48,9 @@ class FingerprintStats(Collector):
             if len(self._entries) >= self.max_tracked:
                 self._forget_cheapest()
             entry = self._entries[fingerprint] = _Entry(statement, command)
+            if self._labelled < self.max_series:  # a free series: exact from the start
+                entry.labelled_calls = 0
+                self._labelled += 1
         entry.calls += 1
         entry.time += seconds
         if entry.labelled_calls >= 0:

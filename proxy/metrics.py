@@ -6,12 +6,14 @@ plain method call and no label lookup.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 from proxy.fingerprints import FingerprintStats
@@ -163,16 +165,9 @@ class Metrics:
         self.draining = Gauge(
             "pgwarden_draining", "1 while pgwarden drains before shutdown", registry=r
         )
-        self._queries = Counter(
-            "pgwarden_queries", "Statements completed, by command", ["command"], registry=r
-        )
-        self._durations = Histogram(
-            "pgwarden_query_duration_seconds",
-            "Statement duration as seen by pgwarden, by command",
-            ["command"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
+        # Recorded for every statement: plain integers summed at scrape, no lock taken.
+        self._statements: dict[str, _CommandStats] = {}
+        r.register(_StatementCollector(self._statements))
         self._errors = Counter(
             "pgwarden_errors",
             "Statements that ended in an error, by SQLSTATE",
@@ -213,20 +208,23 @@ class Metrics:
             ["rule", "mode"],
             registry=r,
         )
-        self._by_command: dict[str, tuple[object, object]] = {}
         self._by_sqlstate: dict[str, object] = {}
 
     def record_statement(self, event: StatementEvent) -> None:
-        command = event.info.command
-        children = self._by_command.get(command)
-        if children is None:
-            label = command if command in COMMANDS else "OTHER"
-            children = (self._queries.labels(label), self._durations.labels(label))
-            self._by_command[command] = children
-        children[0].inc()  # type: ignore[attr-defined]
-        duration = event.duration
-        children[1].observe(duration)  # type: ignore[attr-defined]
         info = event.info
+        command = info.command
+        stats = self._statements.get(command)
+        if stats is None:
+            label = command if command in COMMANDS else "OTHER"
+            stats = self._statements.get(label)
+            if stats is None:
+                stats = _CommandStats()
+                self._statements[label] = stats
+            self._statements[command] = stats
+        duration = event.duration
+        stats.count += 1
+        stats.total += duration
+        stats.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         if info.fingerprint:
             self.fingerprints.record(info.fingerprint, info.normalized, command, duration)
         if event.sqlstate and event.sqlstate != "skipped":
@@ -255,6 +253,48 @@ class Metrics:
     def watch_analyzer(self, analyzer: Analyzer) -> None:
         """Exposes the statement cache's counters, read at scrape time."""
         self.registry.register(_AnalyzerCollector(analyzer))
+
+
+class _CommandStats:
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+
+
+class _StatementCollector(Collector):
+    """pgwarden_queries_total and pgwarden_query_duration_seconds, by command."""
+
+    def __init__(self, stats: dict[str, _CommandStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "pgwarden_queries", "Statements completed, by command", labels=["command"]
+        )
+        durations = HistogramMetricFamily(
+            "pgwarden_query_duration_seconds",
+            "Statement duration as seen by pgwarden, by command",
+            labels=["command"],
+        )
+        seen: set[int] = set()
+        for command, stats in list(self.stats.items()):
+            if id(stats) in seen or (command not in COMMANDS and command != "OTHER"):
+                continue  # an unlisted command shares the OTHER entry
+            seen.add(id(stats))
+            queries.add_metric([command], stats.count)
+            cumulative, buckets = 0, []
+            for bound, count in zip((*DURATION_BUCKETS, float("inf")), stats.buckets, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            durations.add_metric([command], buckets, stats.total)
+        yield queries
+        yield durations
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
 
 
 class _BytesCollector(Collector):
