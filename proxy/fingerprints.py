@@ -4,8 +4,8 @@ Every statement costs one dict lookup and two additions here; series are built a
 A fingerprint gets its own series when first seen while fewer than `max_series` exist
 (most applications have fewer statement shapes than that); once they are taken, the
 rest go to `fingerprint="other"`, and if the limit is raised the costliest of those (by
-total time) are promoted at the next scrape. Series are never taken away, so every one stays monotonic, as a
-counter must: the counts a fingerprint made before its promotion stay in "other".
+total time) are promoted at the next scrape. Series are never taken away, so every one
+stays monotonic, as a counter must: counts made before a promotion stay in "other".
 """
 
 from __future__ import annotations
