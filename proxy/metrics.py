@@ -105,6 +105,11 @@ class Metrics:
         self.client_connections = Gauge(
             "pgwarden_client_connections", "Client connections currently open", registry=r
         )
+        self.client_connections_limit = Gauge(
+            "pgwarden_client_connections_limit",
+            "Configured limit on open client connections (limits.max_client_connections)",
+            registry=r,
+        )
         self.client_connections_opened = Counter(
             "pgwarden_client_connections_opened",
             "Client connections accepted since start",

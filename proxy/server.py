@@ -148,6 +148,7 @@ class ProxyServer:
         """New sessions pick up analysis and detector settings; running ones keep theirs."""
         self.sink.repeat_interval = settings.advice.repeat_interval
         self.metrics.fingerprints.max_series = settings.metrics.max_fingerprints
+        self.metrics.client_connections_limit.set(settings.limits.max_client_connections)
         policy = TimeoutPolicy(settings.timeouts)
         self.timeouts = policy if policy.enforces_anything else None
         rules = RuleEngine(settings.rewrites, settings.blocks)

@@ -201,6 +201,9 @@ class StatementTracker:
                 queue.append(("query", run))
                 self._round_trip += 1
             elif mtype == 0x44 and body is not None:  # Describe
+                if body == b"P\0":  # the unnamed portal, as libpq describes every query
+                    queue.append(("describe", self._portals.get("")))
+                    continue
                 describe = m.Describe.decode(body)
                 names = self._prepared if describe.kind == b"S" else self._portals
                 queue.append(("describe", names.get(describe.name)))  # what it describes
@@ -243,6 +246,10 @@ class StatementTracker:
         prepared = self._prepared.get(name)
         if prepared is None:
             return
+        current = self._portals.get(portal)
+        if current is not None and current.prepared is prepared:
+            current.bind, current.description, current.awaiting = raw, None, None
+            return  # the same statement bound again: reuse the portal
         if portal and len(self._portals) >= _MAX_PORTALS:
             self._portals.pop(next(iter(self._portals)))
         self._portals[portal] = _Portal(prepared, raw)
@@ -384,7 +391,9 @@ class StatementTracker:
         self._finish(event, now)
         event.portal_suspended = suspended
         if body is not None:
-            event.rows = m.CommandComplete.decode(body).rows
+            # the tag's last word is the row count, when it has one ("SELECT 5", "BEGIN")
+            _, space, count = bytes(body[:-1]).rpartition(b" ")
+            event.rows = int(count) if space and count.isdigit() else None
 
     def _finish(self, event: StatementEvent, now: float) -> None:
         # Replies come in order, so a pipelined statement starts when the one before ends.
@@ -440,12 +449,17 @@ class StatementTracker:
         elif before == b"I" and any(e.info.command == "BEGIN" for e in done):
             self._transaction += 1
             in_tx = True
+        transaction = self._transaction if in_tx else None
+        if len(done) == 1:  # the common case: one statement, one round trip
+            done[0].transaction = transaction
+            self.emit(done)
+            return
         counts: dict[int, int] = {}
         for event in done:
             counts[event.round_trip] = counts.get(event.round_trip, 0) + 1
         for event in done:
             event.round_trip_statements = counts[event.round_trip]
-            event.transaction = self._transaction if in_tx else None
+            event.transaction = transaction
         self.emit(done)
 
     def _reset(self) -> None:

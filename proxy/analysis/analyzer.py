@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pglast import parser
@@ -117,12 +117,35 @@ class StatementInfo:
         return self.command == "INSERT" and self.values_rows == 1
 
 
-@dataclass(frozen=True, slots=True)
 class Parsed:
-    """One analysed statement of a client message, with its literal values if it had any."""
+    """One analysed statement of a client message, with its literal values if it had any.
 
-    info: StatementInfo
-    literals: tuple[str, ...] | None = field(default=None, repr=False)  # never logged
+    The literals are lifted out of the text only when asked for: most statements never
+    need them, and on the simple protocol every statement text is new.
+    """
+
+    __slots__ = ("_literals", "_texts", "info")
+
+    def __init__(
+        self,
+        info: StatementInfo,
+        literals: tuple[str, ...] | None = None,
+        *,
+        texts: tuple[str, str] | None = None,  # (original, normalized), to extract from
+    ) -> None:
+        self.info = info
+        self._literals = literals
+        self._texts = texts
+
+    @property
+    def literals(self) -> tuple[str, ...] | None:  # never logged
+        if self._texts is not None:
+            self._literals = extract_literals(*self._texts)
+            self._texts = None
+        return self._literals
+
+    def __repr__(self) -> str:
+        return f"Parsed({self.info!r})"
 
 
 def extract_literals(original: str, normalized: str) -> tuple[str, ...] | None:
@@ -224,9 +247,8 @@ class Analyzer:
             result = tuple(Parsed(info, ()) for info in infos)
             self._by_text.put(sql, result)
             return result
-        literals = extract_literals(sql, normalized)
         if len(infos) == 1:
-            return (Parsed(infos[0], literals),)
+            return (Parsed(infos[0], texts=(sql, normalized)),)
         return tuple(Parsed(info, None) for info in infos)
 
     def _analyze_normalized(self, normalized: str) -> tuple[StatementInfo, ...]:
