@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/pgwarden demo
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/run.py --variant relay-only=bench/analysis-off.yaml $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
