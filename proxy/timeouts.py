@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from proxy.analysis.analyzer import StatementInfo
-from proxy.config import TimeoutMatch, TimeoutSettings
-from proxy.detectors.base import SessionIdentity
+from proxy.analysis.matching import SessionIdentity, statement_matches
+from proxy.config import TimeoutSettings
 from proxy.protocol.editor import MessageEditor
 from proxy.protocol.messages import ErrorResponse
 from proxy.statements import Running, StatementEvent
@@ -57,7 +57,7 @@ class TimeoutPolicy:
             return cached
         statement = transaction = None
         for rule in self.settings.rules:
-            if _matches(rule.match, info, identity):
+            if statement_matches(rule.match, info, identity):
                 if rule.statement:
                     statement = Limit(rule.name, rule.statement)
                 if rule.transaction:
@@ -71,24 +71,6 @@ class TimeoutPolicy:
             self._cache.clear()
         self._cache[key] = (statement, transaction)
         return statement, transaction
-
-
-def _matches(match: TimeoutMatch, info: StatementInfo, identity: SessionIdentity) -> bool:
-    if match.command is not None and info.command != match.command:
-        return False
-    if match.fingerprint is not None and info.fingerprint != match.fingerprint:
-        return False
-    if match.user is not None and identity.user != match.user:
-        return False
-    if match.database is not None and identity.database != match.database:
-        return False
-    if match.application_name is not None and identity.application_name != match.application_name:
-        return False
-    if match.tables is not None:
-        referenced = set(info.tables) | {t.rsplit(".", 1)[-1] for t in info.tables}
-        if not referenced.intersection(match.tables):
-            return False
-    return True
 
 
 class TimerHandle(Protocol):

@@ -22,10 +22,10 @@ from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
 from proxy.analysis.analyzer import StatementInfo, extract_literals
+from proxy.analysis.matching import SessionIdentity, statement_matches
 
 if TYPE_CHECKING:
-    from proxy.config import BlockRule, RewriteRule, RuleMatch
-    from proxy.detectors.base import SessionIdentity
+    from proxy.config import BlockRule, RewriteRule
 
 __all__ = ["Decision", "RuleEngine", "check_rules", "fill_literals", "rewrite_statements"]
 
@@ -98,39 +98,6 @@ def _check_rewrite(key: str, rule: RewriteRule) -> None:
             )
 
 
-def _matches(match: RuleMatch, info: StatementInfo, identity: SessionIdentity) -> bool:
-    if match.fingerprint is not None and info.fingerprint != match.fingerprint:
-        return False
-    if match.statement is not None and info.fingerprint != _fingerprint(match.statement):
-        return False
-    if match.command is not None and info.command != match.command.upper():
-        return False
-    if match.without_where is not None:
-        lacking = info.command in ("UPDATE", "DELETE") and not info.has_where
-        if lacking != match.without_where:
-            return False
-    if match.tables is not None:
-        referenced = set(info.tables) | {t.rsplit(".", 1)[-1] for t in info.tables}
-        if not referenced.intersection(match.tables):
-            return False
-    if match.user is not None and identity.user != match.user:
-        return False
-    if match.database is not None and identity.database != match.database:
-        return False
-    return match.application_name is None or identity.application_name == match.application_name
-
-
-_fingerprints: dict[str, str] = {}
-
-
-def _fingerprint(sql: str) -> str:
-    """Statements match when their fingerprints do: that is normalizing both sides."""
-    value = _fingerprints.get(sql)
-    if value is None:
-        value = _fingerprints[sql] = parser.fingerprint(sql)
-    return value
-
-
 class RuleEngine:
     def __init__(self, rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
         self.rewrites = rewrites
@@ -153,12 +120,12 @@ class RuleEngine:
             return self._cache[key]
         decision = None
         for block in self.blocks:
-            if _matches(block.match, info, identity):
+            if statement_matches(block.match, info, identity):
                 decision = Decision("block", block.name, block.mode == "enforce")
                 break
         else:
             for rewrite in self.rewrites:
-                if _matches(rewrite.match, info, identity):
+                if statement_matches(rewrite.match, info, identity):
                     enforce = rewrite.mode == "enforce"
                     decision = Decision("rewrite", rewrite.name, enforce, rewrite.replace)
                     break

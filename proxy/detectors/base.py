@@ -7,20 +7,13 @@ report a burst still open. It keeps only bounded state and never touches I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from proxy.advice import Advice
+from proxy.analysis.matching import SessionIdentity
 from proxy.statements import StatementEvent
 
 __all__ = ["Detector", "SessionIdentity"]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionIdentity:
-    user: str
-    database: str
-    application_name: str
 
 
 class Detector:
