@@ -107,3 +107,18 @@ def proxy_factory(pg: PgServer, tmp_path: Path) -> Iterator[StartProxy]:
 def proxy(proxy_factory: StartProxy) -> ProxyProcess:
     """pgwarden with the default test configuration."""
     return proxy_factory()
+
+
+@pytest.fixture(scope="session")
+def metrics_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One pgwarden for the metrics tests, after a workload that gives every metric family
+    samples (tests.support.metrics_workload); tests may add traffic but change no config."""
+    from tests.support.metrics_workload import WORKLOAD_CONFIG, run_full_workload
+
+    config = deep_merge(default_config(f"{pg.host}:{pg.port}"), WORKLOAD_CONFIG)
+    process = launch_proxy(tmp_path_factory.mktemp("metrics-proxy"), "metrics", config)
+    try:
+        run_full_workload(process)
+        yield process
+    finally:
+        process.stop()
