@@ -160,11 +160,11 @@ class Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.READY or self.phase is Phase.AUTH:
-            if self._statements is not None:
-                data = self._statements.feed(data)  # holds a Query or Parse until complete
-                if not data:
-                    return
-            flush = self.guard is not None and self._client_frames.at_boundary
+            # Analysis sees the statements as the application sent them; the server gets
+            # them after the rules (which hold a Query or Parse back until complete).
+            statements = self._statements
+            # output that starts at a message boundary can take a Flush after each Execute
+            flush = self.guard is not None and (statements or self._client_frames).at_boundary
             try:
                 frames = self._client_frames.feed(data)
             except ProtocolViolation as exc:
@@ -172,9 +172,11 @@ class Session(asyncio.Protocol):
                 return
             assert self.server is not None
             self.bytes_in += len(data)
+            out = data if statements is None else statements.feed(data)
             if flush:
-                data = flush_after_executes(data)  # see when each pipelined statement ends
-            self.server.write(data)
+                out = flush_after_executes(out)  # see when each pipelined statement ends
+            if out:
+                self.server.write(out)
             if frames:
                 self.round_trips.client(frames)
                 if self.inspector is not None:
@@ -318,9 +320,11 @@ class Session(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         if self.phase is Phase.READY:
             client = self.client
-            if client is not None:
-                client.write(data if self._editor is None else self._editor.feed(data))
             self.bytes_out += len(data)
+            if self._editor is not None:  # analysis sees the errors as the client does
+                data = self._editor.feed(data)
+            if client is not None:
+                client.write(data)
             try:
                 frames = self._server_frames.feed(data)
             except ProtocolViolation as exc:

@@ -120,6 +120,14 @@ class TimeoutGuard:
         if current is None or event is None:
             return
         statement, transaction = self.policy.limits(event.info, self.identity)
+        if self._tx_started is None and any(
+            i.command == "BEGIN" for i in (event.info, *current.later)
+        ):
+            # A transaction opens in this round trip, whose ReadyForQuery (which would
+            # start the clock) comes only once it all ends: `BEGIN; ...; long` in one Query.
+            self._tx_started = current.started
+            if self.policy.settings.transaction:
+                self._tighten_transaction(Limit("default", self.policy.settings.transaction))
         if transaction is not None and self._tx_started is not None:
             self._tighten_transaction(transaction)
         # PostgreSQL sends the replies of a multi-statement Query only when it ends, so the

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import parser
+from pglast import parse_sql, parser
+from pglast.stream import RawStream
 
 from proxy.analysis.analyzer import StatementInfo
 
@@ -36,11 +37,38 @@ def _fingerprint(sql: str) -> str:
     return value
 
 
+_canonicals: dict[str, str | None] = {}
+
+
+def _canonical(sql: str) -> str | None:
+    """`sql` normalized and printed back by pglast, the same however it is spelled; None
+    when it cannot be (normalize() can make SQL unparsable: `interval $1`)."""
+    if sql in _canonicals:
+        return _canonicals[sql]
+    try:
+        value: str | None = RawStream()(parse_sql(parser.normalize(sql)))
+    except Exception:  # a ParseError, or a node pglast cannot print
+        value = None
+    if len(_canonicals) >= 10_000:
+        _canonicals.clear()
+    _canonicals[sql] = value
+    return value
+
+
+def _same_statement(info: StatementInfo, statement: str) -> bool:
+    """The fingerprints match and so do the normalized texts: a fingerprint alone ignores
+    the order of the columns, their aliases and casts, which a replacement must keep."""
+    if info.fingerprint != _fingerprint(statement):
+        return False
+    mine, theirs = _canonical(info.normalized), _canonical(statement)
+    return mine is None or theirs is None or mine == theirs
+
+
 def statement_matches(match: Any, info: StatementInfo, identity: SessionIdentity) -> bool:
     if match.fingerprint is not None and info.fingerprint != match.fingerprint:
         return False
     statement = getattr(match, "statement", None)
-    if statement is not None and info.fingerprint != _fingerprint(statement):
+    if statement is not None and not _same_statement(info, statement):
         return False
     if match.command is not None and info.command != match.command.upper():
         return False
