@@ -26,6 +26,7 @@ __all__ = ["ErrorEditor", "Limit", "TimeoutGuard", "TimeoutPolicy", "flush_after
 
 _CACHE_SIZE = 4096
 _HEADER = struct.Struct("!BI")
+_TX_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +121,15 @@ class TimeoutGuard:
         if current is None or event is None:
             return
         statement, transaction = self.policy.limits(event.info, self.identity)
-        if self._tx_started is None and any(
-            i.command == "BEGIN" for i in (event.info, *current.later)
-        ):
-            # A transaction opens in this round trip, whose ReadyForQuery (which would
-            # start the clock) comes only once it all ends: `BEGIN; ...; long` in one Query.
-            self._tx_started = current.started
-            if self.policy.settings.transaction:
-                self._tighten_transaction(Limit("default", self.policy.settings.transaction))
+        if self._tx_started is None:
+            # A transaction opening in this round trip and staying open: the ReadyForQuery
+            # that would start its clock comes only once it all ends (`BEGIN; ...; long`).
+            ends = [i.command for i in (event.info, *current.later) if i.command in _TX_CONTROL]
+            if ends and ends[-1] == "BEGIN":
+                self._tx_started = current.started
+                if self.policy.settings.transaction:
+                    limit = Limit("default", self.policy.settings.transaction)
+                    self._tighten_transaction(limit)
         if transaction is not None and self._tx_started is not None:
             self._tighten_transaction(transaction)
         # PostgreSQL sends the replies of a multi-statement Query only when it ends, so the
