@@ -44,7 +44,7 @@ from proxy.timeouts import (
     rewrite_cancel,
 )
 from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
-from rewriters.rules import Decision, RuleEngine, rewrite_statements
+from rewriters.rules import BLOCK_MARKER, Decision, RuleEngine, rewrite_statements
 
 if TYPE_CHECKING:
     from proxy.analysis.analyzer import StatementInfo
@@ -110,7 +110,8 @@ class Session(asyncio.Protocol):
         self._paused: set[str] = set()  # why reading from the client is paused
         self._transaction_started = 0.0
         self._statements: MessageEditor | None = None  # applies rewrite and block rules
-        self._blocked: deque[str] = deque()  # rules whose marker error is on its way back
+        self._blocked: deque[tuple[str, str]] = deque()  # (marker, rule) of blocks sent
+        self._blocks_sent = 0
         limits = self.settings.limits
         self._startup_buf = bytearray()
         self._startup_raw = b""
@@ -162,9 +163,16 @@ class Session(asyncio.Protocol):
         if self.phase is Phase.READY or self.phase is Phase.AUTH:
             # Analysis sees the statements as the application sent them; the server gets
             # them after the rules (which hold a Query or Parse back until complete).
+            if self._statements is None and self.host.rules is not None:
+                self._start_rules()  # rules added by a reload apply to open sessions too
             statements = self._statements
-            # output that starts at a message boundary can take a Flush after each Execute
-            flush = self.guard is not None and (statements or self._client_frames).at_boundary
+            flush_from = -1  # where the first whole message starts in what goes out
+            if self.guard is not None:
+                if statements is None:
+                    header, rest = self._client_frames.remaining()
+                    flush_from = -1 if header else rest
+                elif statements.at_boundary:
+                    flush_from = 0
             try:
                 frames = self._client_frames.feed(data)
             except ProtocolViolation as exc:
@@ -173,8 +181,9 @@ class Session(asyncio.Protocol):
             assert self.server is not None
             self.bytes_in += len(data)
             out = data if statements is None else statements.feed(data)
-            if flush:
-                out = flush_after_executes(out)  # see when each pipelined statement ends
+            if flush_from >= 0:
+                # see when each pipelined statement ends
+                out = flush_after_executes(out, flush_from)
             if out:
                 self.server.write(out)
             if frames:
@@ -346,6 +355,8 @@ class Session(asyncio.Protocol):
                         self.guard.ready(rt.status, not rt.awaiting and not rt.unsynced)
                 if ready and self.draining:
                     self._drain_if_idle()
+                if ready and self._blocked and not self.round_trips.busy:
+                    self._blocked.clear()  # nothing is owed: the blocks left were skipped
             editor = self._editor
             if (
                 editor is not None
@@ -519,6 +530,14 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ rules
 
+    def _start_rules(self) -> None:
+        """Applies rules from wherever the client's stream stands."""
+        if self.phase is Phase.READY:
+            header, passing = self._client_frames.remaining()
+            self._statements = MessageEditor(
+                b"QP", self._apply_rules, header_sent=header, passing=passing
+            )
+
     def _apply_rules(self, raw: bytes) -> bytes:
         """A Query or Parse as it should reach the server: rewritten, blocked or as sent."""
         rules = self.host.rules
@@ -543,9 +562,10 @@ class Session(asyncio.Protocol):
             return raw
         block = next((d for _, d in decisions if d.kind == "block"), None)
         if block is not None:
-            self._blocked.append(block.rule)
+            self._blocks_sent += 1
+            new_sql: str | None = f"{BLOCK_MARKER}_{self._blocks_sent}"
+            self._blocked.append((new_sql, block.rule))
             self._edit_errors()
-            new_sql: str | None = rules.marker_token
         else:
             new_sql = rewrite_statements(sql, [(i, d.replace) for i, d in decisions])
             if new_sql is None:
@@ -571,17 +591,21 @@ class Session(asyncio.Protocol):
             )
 
     def _block_error(self, raw: bytes) -> bytes | None:
-        rules = self.host.rules
         try:
             error = m.ErrorResponse.decode(memoryview(raw)[5:])
         except ValueError:
             return None
-        if rules is None or rules.marker_token not in error.message:
+        if BLOCK_MARKER not in error.message:
             return None
-        rule = self._blocked.popleft()
-        return m.ErrorResponse.build(
-            "ERROR", "42501", f'pgwarden: statement blocked by rule "{rule}"'
-        ).encode()
+        # Errors come back in order; a block with no error of its own was skipped by the
+        # server after an earlier error of its pipeline.
+        while self._blocked:
+            marker, rule = self._blocked.popleft()
+            if f'"{marker}"' in error.message:
+                return m.ErrorResponse.build(
+                    "ERROR", "42501", f'pgwarden: statement blocked by rule "{rule}"'
+                ).encode()
+        return None
 
     def server_lost(self, exc: Exception | None) -> None:
         self.server = None

@@ -248,16 +248,16 @@ _FLUSH = b"H\0\0\0\x04"
 _SYNC_OR_FLUSH = (0x53, 0x48)
 
 
-def flush_after_executes(data: bytes) -> bytes:
-    """`data` (starting at a message boundary) with a Flush after every Execute that is not
-    already followed by a Sync or Flush.
+def flush_after_executes(data: bytes, start: int = 0) -> bytes:
+    """`data` with a Flush after every Execute that is not already followed by a Sync or
+    Flush; the first message starts at `start` (the rest of one already passed on before).
 
     PostgreSQL holds the replies of pipelined statements until a Sync or Flush, so without
     this pgwarden could not see when one statement ends and the next begins, and could
     not time them one by one. Flush has no reply: the client sees no difference.
     """
     parts: list[bytes] = []
-    pos = last = 0
+    pos, last = start, 0
     size = len(data)
     while pos + 5 <= size:
         mtype, length = _HEADER.unpack_from(data, pos)

@@ -18,6 +18,7 @@ import pytest
 from proxy.analysis.analyzer import Parsed, StatementInfo
 from proxy.analysis.matching import SessionIdentity
 from proxy.config import ConfigError, TimeoutSettings, settings_from_dict
+from proxy.protocol import messages as m
 from proxy.statements import Running, StatementEvent
 from proxy.timeouts import (
     ErrorEditor,
@@ -794,3 +795,16 @@ def test_flush_after_executes_ignores_execute_bytes_inside_bodies() -> None:
     parse = message(b"P", b"\0SELECT 'E\0\0\0\x04'\0\0\0")
     data = b"".join([parse, B, S])
     assert flush_after_executes(data) == data
+
+
+def test_flush_after_executes_resumes_mid_message() -> None:
+    """A chunk that starts inside a message still gets Flushes after its whole Executes."""
+    bind = m.Bind("", "s", (), (b"x" * 40,), ()).encode()
+    execute = m.Execute("", 0).encode()
+    stream = bind + execute + bind + execute + m.Sync().encode()
+    split = 17  # inside the first Bind
+    tail = stream[split:]
+    out = flush_after_executes(tail, len(bind) - split)
+    flush = m.Flush().encode()
+    expected = stream[split : len(bind)] + execute + flush + bind + execute + m.Sync().encode()
+    assert out == expected

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import parse_sql, parser
+from pglast import ast, parse_sql, parser
 from pglast.stream import RawStream
+from pglast.visitors import Visitor
 
 from proxy.analysis.analyzer import StatementInfo
 
@@ -40,13 +41,31 @@ def _fingerprint(sql: str) -> str:
 _canonicals: dict[str, str | None] = {}
 
 
+class _Params(Visitor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[ast.ParamRef] = []
+
+    def visit_ParamRef(self, ancestors: object, node: ast.ParamRef) -> None:
+        self.found.append(node)
+
+
 def _canonical(sql: str) -> str | None:
     """`sql` normalized and printed back by pglast, the same however it is spelled; None
-    when it cannot be (normalize() can make SQL unparsable: `interval $1`)."""
+    when it cannot be (normalize() can make SQL unparsable: `interval $1`).
+
+    Parameters are renumbered from $1: in a Query of several statements, the literals of
+    one are numbered after those of the statements before it."""
     if sql in _canonicals:
         return _canonicals[sql]
     try:
-        value: str | None = RawStream()(parse_sql(parser.normalize(sql)))
+        tree = parse_sql(parser.normalize(sql))
+        params = _Params()
+        params(tree)
+        offset = min((p.number for p in params.found), default=1) - 1
+        for param in params.found:
+            param.number -= offset
+        value: str | None = RawStream()(tree)
     except Exception:  # a ParseError, or a node pglast cannot print
         value = None
     if len(_canonicals) >= 10_000:
