@@ -27,10 +27,20 @@ from proxy.analysis.matching import SessionIdentity, statement_matches
 if TYPE_CHECKING:
     from proxy.config import BlockRule, RewriteRule
 
-__all__ = ["Decision", "RuleEngine", "check_rules", "fill_literals", "rewrite_statements"]
+__all__ = [
+    "BLOCK_MARKER",
+    "Decision",
+    "RuleEngine",
+    "check_rules",
+    "fill_literals",
+    "rewrite_statements",
+]
 
 _PARAM = re.compile(r"\$(\d+)")
 _CACHE_SIZE = 4096
+# SQL PostgreSQL refuses with a syntax error whose message names this token; one for the
+# process, so a block sent before a reload is still recognised when its error comes back
+BLOCK_MARKER = f"pgwarden_blocked_{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +114,7 @@ class RuleEngine:
         self.blocks = blocks
         self._cache: dict[tuple[str, SessionIdentity], Decision | None] = {}
         self._used: set[tuple[str, str]] = set()
-        # SQL PostgreSQL refuses with a syntax error whose message names this token
-        self.marker_token = f"pgwarden_blocked_{secrets.token_hex(6)}"
+        self.marker_token = BLOCK_MARKER
 
     @property
     def active(self) -> bool:
@@ -115,7 +124,7 @@ class RuleEngine:
         """The first block, else the first rewrite, that applies; None for most statements."""
         if info.error is not None:
             return None
-        key = (info.fingerprint, identity)
+        key = (info.normalized, identity)  # finer than the fingerprint: see statement_matches
         if key in self._cache:
             return self._cache[key]
         decision = None
@@ -159,16 +168,21 @@ def fill_literals(original: str, replacement: str) -> str | None:
     literals in order). Returns None when the literals cannot be lifted out.
     """
     try:
-        literals = extract_literals(original, parser.normalize(original))
+        normalized = parser.normalize(original)
+        literals = extract_literals(original, normalized)
+        wanted = _params(replacement)
     except parser.ParseError:
         return None
     if literals is None:
         return None
+    # normalize() numbers literals after the client's own parameters, not left to right
+    numbers = (int(n) for n in _PARAM.findall(normalized))
+    tokens = dict(zip(numbers, literals, strict=True))
     values: dict[int, ast.Node] = {}
-    for number in {int(n) for n in _PARAM.findall(replacement)}:
-        if number > len(literals):
+    for number in wanted:
+        token = tokens.get(number)
+        if token is None:
             return None
-        token = literals[number - 1]
         if _PARAM.fullmatch(token):
             continue  # the client's own parameter stays a parameter
         try:
