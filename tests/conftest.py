@@ -109,6 +109,17 @@ def proxy(proxy_factory: StartProxy) -> ProxyProcess:
     return proxy_factory()
 
 
+@pytest.fixture(scope="module")
+def module_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One pgwarden with the default test configuration for a whole module, for modules
+    whose tests only need a proxy (starting one per test would cost more than the tests)."""
+    process = launch_proxy(
+        tmp_path_factory.mktemp("proxy"), "proxy", default_config(f"{pg.host}:{pg.port}")
+    )
+    yield process
+    process.stop()
+
+
 @pytest.fixture(scope="session")
 def metrics_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """One pgwarden for the metrics tests, after a workload that gives every metric family

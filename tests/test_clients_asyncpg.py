@@ -9,28 +9,23 @@ import io
 import ipaddress
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tests.support.proxy import ProxyProcess, default_config, launch_proxy
+from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer
 
 Scenario = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
 @pytest.fixture(scope="module")
-def proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """One pgwarden with the default test configuration for the whole module (starting one
-    per test would cost more than most tests here); overrides the per-test fixture."""
-    process = launch_proxy(
-        tmp_path_factory.mktemp("proxy"), "proxy", default_config(f"{pg.host}:{pg.port}")
-    )
-    yield process
-    process.stop()
+def proxy(module_proxy: ProxyProcess) -> ProxyProcess:
+    """One pgwarden for the whole module (overrides the per-test fixture)."""
+    return module_proxy
 
 
 def run(proxy: ProxyProcess, scenario: Scenario) -> None:

@@ -13,21 +13,16 @@ from pathlib import Path
 import pytest
 
 from proxy.pgcluster import find_bindir
-from tests.support.proxy import ProxyProcess, default_config, launch_proxy
+from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer
 
 PGBENCH_DB = "pgwarden_pgbench"
 
 
 @pytest.fixture(scope="module")
-def proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """One pgwarden with the default test configuration for the whole module (starting one
-    per test would cost more than most tests here); overrides the per-test fixture."""
-    process = launch_proxy(
-        tmp_path_factory.mktemp("proxy"), "proxy", default_config(f"{pg.host}:{pg.port}")
-    )
-    yield process
-    process.stop()
+def proxy(module_proxy: ProxyProcess) -> ProxyProcess:
+    """One pgwarden for the whole module (overrides the per-test fixture)."""
+    return module_proxy
 
 
 def tool(name: str) -> str:

@@ -22,7 +22,7 @@ import pytest
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
-from tests.support.proxy import ProxyProcess, default_config, launch_proxy
+from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer, wait_until
 
 # Many types, with the awkward values: NULLs, extremes, non-ASCII text, nested arrays.
@@ -63,14 +63,9 @@ FAITHFUL_QUERIES = [
 
 
 @pytest.fixture(scope="module")
-def proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """One pgwarden with the default test configuration for the whole module (starting one
-    per test would cost more than most tests here); overrides the per-test fixture."""
-    process = launch_proxy(
-        tmp_path_factory.mktemp("proxy"), "proxy", default_config(f"{pg.host}:{pg.port}")
-    )
-    yield process
-    process.stop()
+def proxy(module_proxy: ProxyProcess) -> ProxyProcess:
+    """One pgwarden for the whole module (overrides the per-test fixture)."""
+    return module_proxy
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
