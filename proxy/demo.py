@@ -37,16 +37,30 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15
     raise RuntimeError("pgwarden did not start listening in time")
 
 
-def _app(dsn: str) -> None:
-    """A bookshop app with the two loops pgwarden exists to catch, and healthy queries."""
+# What the operator of the demo configured: a time limit for reports, a guard rail.
+_RULES = {
+    "timeouts": {
+        "rules": [{"name": "reports", "match": {"tables": ["sales_report"]}, "statement": "1s"}]
+    },
+    "blocks": [
+        {"name": "no-unqualified-delete", "match": {"command": "DELETE", "without_where": True}}
+    ],
+}
+
+
+def _app(dsn: str) -> list[str]:
+    """A bookshop app with the two loops pgwarden exists to catch, healthy queries, and
+    two statements pgwarden stops; returns what the app was told about those two."""
     import psycopg
 
+    stopped = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE authors (id serial PRIMARY KEY, name text NOT NULL);"
             "CREATE TABLE books (id serial PRIMARY KEY, author_id int NOT NULL"
             " REFERENCES authors, title text NOT NULL);"
-            "CREATE INDEX ON books (author_id)"
+            "CREATE INDEX ON books (author_id);"
+            "CREATE VIEW sales_report AS SELECT 1 AS total"
         )
         # Import, row by row inside one transaction: an insert loop.
         with conn.transaction():
@@ -67,6 +81,14 @@ def _app(dsn: str) -> None:
         conn.execute(
             "SELECT a.name, b.title FROM authors a JOIN books b ON b.author_id = a.id"
         ).fetchall()
+        # A report that hangs, and a DELETE that forgot its WHERE: pgwarden stops both.
+        for sql in ("SELECT pg_sleep(30), total FROM sales_report", "DELETE FROM books"):
+            try:
+                conn.execute(sql)
+            except psycopg.Error as exc:
+                stopped.append(f"{sql}\n    -> SQLSTATE {exc.sqlstate}: {exc}")
+        conn.execute("SELECT count(*) FROM books").fetchone()  # and the connection still works
+    return stopped
 
 
 def run_demo() -> int:
@@ -85,6 +107,7 @@ def run_demo() -> int:
                     "listen": f"127.0.0.1:{port}",
                     "upstream": {"address": f"127.0.0.1:{pg.port}", "sslmode": "disable"},
                     "admin": {"listen": f"127.0.0.1:{admin}"},
+                    **_RULES,
                 }
             )
         )
@@ -100,7 +123,7 @@ def run_demo() -> int:
             print(f"pgwarden listens on 127.0.0.1:{port} in front of it")
             print(f"  metrics: http://127.0.0.1:{admin}/metrics   advice: /advice\n")
             print("Running a small bookshop app through pgwarden ...\n")
-            _app(f"host=127.0.0.1 port={port} user=postgres dbname=postgres")
+            stopped = _app(f"host=127.0.0.1 port={port} user=postgres dbname=postgres")
             time.sleep(0.3)
             base = f"http://127.0.0.1:{admin}"
             with urllib.request.urlopen(f"{base}/advice", timeout=5) as response:
@@ -109,9 +132,20 @@ def run_demo() -> int:
             print(format_advice(advice))
             with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
                 metrics = response.read().decode()
+            print("What pgwarden stopped (a 1s limit on reports, a block on DELETE without WHERE):")
+            for line in stopped:
+                print(f"  {line}")
+            print()
             print("A few of its metrics:")
             for line in metrics.splitlines():
-                if line.startswith(("pgwarden_queries_total", "pgwarden_advice_total")):
+                if line.startswith(
+                    (
+                        "pgwarden_queries_total",
+                        "pgwarden_advice_total",
+                        "pgwarden_statement_timeouts_total",
+                        "pgwarden_blocks_total",
+                    )
+                ):
                     print(f"  {line}")
             lines = [line for line in log_path.read_text().splitlines() if '"advice"' in line]
             if lines:
