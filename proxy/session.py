@@ -66,6 +66,7 @@ class SessionHost(Protocol):
     settings: Settings
     metrics: Metrics
     server_tls: ssl.SSLContext | None
+    draining: bool
     analysis: Analysis | None
     timeouts: TimeoutPolicy | None
     rules: RuleEngine | None
@@ -287,7 +288,7 @@ class Session(asyncio.Protocol):
             self.metrics.connection_errors["too_many_connections"].inc()
             self._fail("53300", "sorry, too many clients already", "too_many_connections")
             return
-        if getattr(self.host, "draining", False):
+        if self.host.draining:
             self._fail("57P03", "the database system is shutting down", "draining")
             return
         timeouts = self.settings.timeouts
