@@ -371,6 +371,9 @@ def _check(settings: Settings) -> None:
     _check_timeouts(settings.timeouts)
     from rewriters.rules import check_rules  # rules are parsed with pglast at load
 
+    names: set[str] = set()  # rewrites and blocks share one namespace
+    _check_names("rewrites", settings.rewrites, names)
+    _check_names("blocks", settings.blocks, names)
     try:
         check_rules(settings.rewrites, settings.blocks)
     except ValueError as exc:
@@ -382,15 +385,21 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"upstream.sslrootcert: no such file {up.sslrootcert!r}")
 
 
+def _check_names(section: str, rules: tuple[Any, ...], names: set[str]) -> None:
+    """Rule names are required and unique: logs, metrics and error messages carry them."""
+    for index, rule in enumerate(rules):
+        key = f"{section}[{index}].name"
+        if not rule.name:
+            raise ConfigError(f"{key}: must not be empty")
+        if rule.name in names:
+            raise ConfigError(f"{key}: duplicate rule name {rule.name!r}")
+        names.add(rule.name)
+
+
 def _check_timeouts(timeouts: TimeoutSettings) -> None:
-    names: set[str] = set()
+    _check_names("timeouts.rules", timeouts.rules, set())
     for index, rule in enumerate(timeouts.rules):
         key = f"timeouts.rules[{index}]"
-        if not rule.name:
-            raise ConfigError(f"{key}.name: must not be empty")
-        if rule.name in names:
-            raise ConfigError(f"{key}.name: duplicate rule name {rule.name!r}")
-        names.add(rule.name)
         if rule.statement is None and rule.transaction is None:
             raise ConfigError(f"{key}: set statement, transaction or both")
         if rule.match.command is not None and rule.match.command != rule.match.command.upper():

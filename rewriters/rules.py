@@ -11,7 +11,6 @@ failed), and pgwarden rewrites that syntax error into its own 42501 error.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pglast import ast, parse_sql, parser
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
-from proxy.analysis.analyzer import StatementInfo, extract_literals
+from proxy.analysis.analyzer import StatementInfo, extract_literals, split_statements
 from proxy.analysis.matching import SessionIdentity, statement_matches
 
 if TYPE_CHECKING:
@@ -60,16 +59,11 @@ def _params(sql: str) -> set[int]:
 
 
 def check_rules(rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
-    """Raises ValueError naming the rule when one cannot work as written."""
-    names: set[str] = set()
+    """Raises ValueError naming the rule when one cannot work as written (names are
+    checked with every other kind of rule, in proxy.config)."""
     for section, rules in (("rewrites", rewrites), ("blocks", blocks)):
         for index, rule in enumerate(rules):
             key = f"{section}[{index}]"
-            if not rule.name:
-                raise ValueError(f"{key}.name: must not be empty")
-            if rule.name in names:
-                raise ValueError(f"{key}.name: duplicate rule name {rule.name!r}")
-            names.add(rule.name)
             match = rule.match
             if match.statement is not None:
                 try:
@@ -199,7 +193,7 @@ def fill_literals(original: str, replacement: str) -> str | None:
 
 def rewrite_statements(sql: str, replacements: list[tuple[int, str]]) -> str | None:
     """`sql` with statement `index` replaced by its rule's text (literals carried over)."""
-    spans = _split_statements(sql)
+    spans = [(start, end) for _, start, end in split_statements(sql)]
     if len(spans) == 1:
         return fill_literals(sql, replacements[0][1]) if replacements[0][0] == 0 else None
     out, last = [], 0
@@ -214,17 +208,3 @@ def rewrite_statements(sql: str, replacements: list[tuple[int, str]]) -> str | N
         last = end
     out.append(sql[last:])
     return "".join(out)
-
-
-def _split_statements(sql: str) -> list[tuple[int, int]]:
-    """(start, end) character offsets of each statement of a Query text."""
-    encoded = sql.encode("utf-8")
-    tree = json.loads(parser.parse_sql_json(sql))
-    spans = []
-    for raw in tree.get("stmts", []):
-        start = raw.get("stmt_location", 0)
-        length = raw.get("stmt_len") or len(encoded) - start
-        spans.append(
-            (len(encoded[:start].decode("utf-8")), len(encoded[: start + length].decode("utf-8")))
-        )
-    return spans

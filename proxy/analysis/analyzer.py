@@ -20,7 +20,7 @@ from typing import Any
 
 from pglast import parser
 
-__all__ = ["Analyzer", "Lookup", "Parsed", "StatementInfo", "extract_literals"]
+__all__ = ["Analyzer", "Lookup", "Parsed", "StatementInfo", "extract_literals", "split_statements"]
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 # What normalize() replaces by `$n`: a whole constant, so a piece of the original text is
@@ -252,42 +252,50 @@ class Analyzer:
         return tuple(Parsed(info, None) for info in infos)
 
     def _analyze_normalized(self, normalized: str) -> tuple[StatementInfo, ...]:
-        tree = json.loads(parser.parse_sql_json(normalized))
-        stmts = tree.get("stmts") or []
-        if not stmts:
+        parts = split_statements(normalized)
+        if not parts:
             return (StatementInfo("", normalized.strip(), "EMPTY"),)
-        if len(stmts) == 1:
-            return (_describe(stmts[0]["stmt"], normalized.strip()),)
-        encoded = normalized.encode("utf-8")
-        infos = []
-        for raw in stmts:
-            start = raw.get("stmt_location", 0)
-            length = raw.get("stmt_len") or len(encoded) - start
-            text = encoded[start : start + length].decode("utf-8").strip()
-            infos.append(_describe(raw["stmt"], text))
-        return tuple(infos)
+        if len(parts) == 1:
+            return (_describe(parts[0][0], normalized.strip()),)
+        return tuple(_describe(stmt, normalized[a:b].strip()) for stmt, a, b in parts)
+
+
+def split_statements(sql: str) -> list[tuple[dict[str, Any], int, int]]:
+    """Each statement of `sql`: its parse tree and its (start, end) character offsets.
+
+    pglast reports byte offsets into the UTF-8 text; callers slice the str. Raises
+    pglast's ParseError for text that does not parse.
+    """
+    stmts = json.loads(parser.parse_sql_json(sql)).get("stmts") or []
+    if len(stmts) == 1:
+        return [(stmts[0]["stmt"], 0, len(sql))]
+    encoded = sql.encode("utf-8")
+    parts = []
+    for raw in stmts:
+        start = raw.get("stmt_location", 0)
+        end = start + (raw.get("stmt_len") or len(encoded) - start)
+        chars = len(encoded[:start].decode("utf-8"))
+        parts.append((raw["stmt"], chars, chars + len(encoded[start:end].decode("utf-8"))))
+    return parts
 
 
 def _analyze_original(sql: str, normalized: str) -> tuple[StatementInfo, ...]:
     """Facts from the original's parse tree, text from normalizing each statement alone."""
     try:
-        stmts = json.loads(parser.parse_sql_json(sql)).get("stmts") or []
+        parts = split_statements(sql)
     except parser.ParseError as exc:
         return (_unparsable(sql, str(exc)),)
-    if not stmts:
+    if not parts:
         return (StatementInfo("", normalized.strip(), "EMPTY"),)
-    encoded = sql.encode("utf-8")
     infos = []
-    for raw in stmts:
-        start = raw.get("stmt_location", 0)
-        length = raw.get("stmt_len") or len(encoded) - start
-        text = encoded[start : start + length].decode("utf-8").strip()
+    for original_stmt, start, end in parts:
+        text = sql[start:end].strip()
         normalized_text = parser.normalize(text).strip()
         try:
             (own,) = json.loads(parser.parse_sql_json(normalized_text))["stmts"]
             stmt = own["stmt"]  # literals as ParamRefs, so lookups are seen
         except (parser.ParseError, ValueError, KeyError):
-            stmt = raw["stmt"]
+            stmt = original_stmt
         info = _describe(stmt, normalized_text)
         infos.append(info if info.fingerprint else replace(info, fingerprint=_fingerprint(text)))
     return tuple(infos)
