@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config import deep_merge
 from proxy.pgcluster import OWNER, LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,17 +126,6 @@ def _children_ticks() -> float:
 # --- processes under test -------------------------------------------------------------------
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`extra` laid over `base`, mappings merged key by key."""
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _load_yaml(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
@@ -196,7 +186,7 @@ def start_pgwarden(
 ) -> Target:
     """Run `python -m proxy run` on free ports; the config's addresses are always ours."""
     port = free_port()
-    config = _merge(
+    config = deep_merge(
         config,
         {
             "listen": f"127.0.0.1:{port}",
@@ -582,9 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     """Start everything, measure, stop everything, then report; exit 1 if a run failed."""
     args = parse_args(argv)
     base = _load_yaml(args.extra_config) if args.extra_config else {}
-    base = _merge({"logging": {"format": "json", "level": "warning"}}, base)
+    base = deep_merge({"logging": {"format": "json", "level": "warning"}}, base)
     configs = {"pgwarden": base} if "pgwarden" in args.targets else {}
-    configs |= {name: _merge(base, _load_yaml(path)) for name, path in args.variant}
+    configs |= {name: deep_merge(base, _load_yaml(path)) for name, path in args.variant}
     pgbouncer = find_pgbouncer() if "pgbouncer" in args.targets else None
     per_run = len(args.modes) * len(args.clients) * (len(args.targets) + len(args.variant))
     minutes = per_run * args.rounds * (args.duration + 1) / 60

@@ -12,6 +12,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "Address",
     "ConfigError",
     "Settings",
+    "deep_merge",
     "load_settings",
     "parse_address",
     "parse_duration",
@@ -404,6 +406,18 @@ def _check_timeouts(timeouts: TimeoutSettings) -> None:
             raise ConfigError(f"{key}: set statement, transaction or both")
         if rule.match.command is not None and rule.match.command != rule.match.command.upper():
             raise ConfigError(f"{key}.match.command: write commands in upper case, e.g. SELECT")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Config data `base` with `override` laid over it, mappings merged key by key, so a
+    variant (a test's, a benchmark's) states only the settings it changes."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_settings(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> Settings:

@@ -21,6 +21,7 @@ from typing import Any, overload
 
 import yaml
 
+from proxy.config import deep_merge
 from proxy.pgcluster import free_port, make_dsn
 from tests.support.util import wait_until
 
@@ -41,18 +42,6 @@ def default_config(upstream: str) -> dict[str, Any]:
         "admin": {"listen": f"127.0.0.1:{free_port()}"},
         "logging": {"format": "json"},
     }
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `override` laid over it, mappings merged key by key, so a test states only
-    the settings it cares about; a None in `override` replaces a whole section."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _split_address(address: str) -> tuple[str, int]:
