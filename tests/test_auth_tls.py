@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
-from psycopg import errors
 
 from proxy.pgcluster import SSL_ONLY_ROLE
 from tests.conftest import StartProxy
 from tests.support.proxy import ProxyProcess
-from tests.support.util import PgServer, wait_until
+from tests.support.util import PgServer, assert_cancel_works
 
 CONNECT_TIMEOUT = 5
 
@@ -281,30 +279,6 @@ def test_client_tls_verify_full(tls_proxy: ProxyProcess, certificate: tuple[Path
     cert, _ = certificate
     dsn = tls_proxy.dsn(host="localhost", sslmode="verify-full", sslrootcert=str(cert))
     assert session_info(dsn) == ("postgres", True)
-
-
-def assert_cancel_works(dsn: str, pg: PgServer, method: str = "cancel_safe") -> None:
-    """A pg_sleep cancelled through `dsn` ends at once with 57014; the session goes on."""
-    with (
-        psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn,
-        psycopg.connect(pg.dsn(), autocommit=True) as observer,
-    ):
-        running = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
-
-        def cancel_when_running() -> None:
-            wait_until(lambda: observer.execute(running, (conn.info.backend_pid,)).fetchone())
-            getattr(conn, method)()
-
-        canceller = threading.Thread(target=cancel_when_running)
-        canceller.start()
-        began = time.monotonic()
-        try:
-            with pytest.raises(errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(10)")
-        finally:
-            canceller.join()
-        assert time.monotonic() - began < 5
-        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])

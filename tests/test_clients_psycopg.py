@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from psycopg import errors, sql
 from psycopg.types.json import Jsonb
 
 from tests.support.proxy import ProxyProcess
-from tests.support.util import PgServer, wait_until
+from tests.support.util import PgServer, assert_cancel_works, wait_until
 
 # Many types, with the awkward values: NULLs, extremes, non-ASCII text, nested arrays.
 TYPES_SQL = r"""
@@ -457,24 +456,7 @@ def test_copy_failures_leave_connection_usable(proxy: ProxyProcess) -> None:
 
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
 def test_cancel_running_query(proxy: ProxyProcess, pg: PgServer, method: str) -> None:
-    with connect(proxy.dsn(), autocommit=True) as conn, connect(pg.dsn(), autocommit=True) as obs:
-        pid = conn.info.backend_pid
-
-        def cancel_when_running() -> None:
-            running = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
-            wait_until(lambda: obs.execute(running, (pid,)).fetchone(), 5)
-            getattr(conn, method)()
-
-        canceller = threading.Thread(target=cancel_when_running)
-        canceller.start()
-        began = time.monotonic()
-        try:
-            with pytest.raises(errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(10)")
-        finally:
-            canceller.join()
-        assert time.monotonic() - began < 5
-        assert conn.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+    assert_cancel_works(proxy.dsn(), pg, method)
 
 
 def test_pipeline_many_statements_with_error(proxy: ProxyProcess, table: str) -> None:

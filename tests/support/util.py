@@ -6,11 +6,14 @@ from __future__ import annotations
 import getpass
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import psycopg
+import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from proxy.pgcluster import PASSWORD_ROLES, SSL_ONLY_ROLE, find_bindir, free_port
@@ -107,3 +110,27 @@ class ExternalServer:
         if result.returncode != 0:
             raise RuntimeError(f"psql failed (exit {result.returncode}):\n{result.stderr}")
         return result.stdout
+
+
+def assert_cancel_works(dsn: str, pg: PgServer, method: str = "cancel_safe") -> None:
+    """A pg_sleep cancelled through `dsn` ends at once with 57014; the session goes on."""
+    with (
+        psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn,
+        psycopg.connect(pg.dsn(), autocommit=True) as observer,
+    ):
+        running = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'"
+
+        def cancel_when_running() -> None:
+            wait_until(lambda: observer.execute(running, (conn.info.backend_pid,)).fetchone())
+            getattr(conn, method)()
+
+        canceller = threading.Thread(target=cancel_when_running)
+        canceller.start()
+        began = time.monotonic()
+        try:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                conn.execute("SELECT pg_sleep(10)")
+        finally:
+            canceller.join()
+        assert time.monotonic() - began < 5
+        assert conn.execute("SELECT 1").fetchone() == (1,)
