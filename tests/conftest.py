@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 
 from proxy.pgcluster import PASSWORD_ROLES, LocalCluster, make_dsn
-from tests.support.proxy import ProxyProcess, deep_merge, default_config, launch_proxy
+from tests.support.proxy import (
+    ProxyProcess,
+    deep_merge,
+    default_config,
+    launch_proxy,
+    launch_with_defaults,
+)
 from tests.support.util import ExternalServer, PgServer
 
 CONTAINER_IMAGE = "postgres:16-alpine"
@@ -92,9 +98,8 @@ def proxy_factory(pg: PgServer, tmp_path: Path) -> Iterator[StartProxy]:
         extra_args: list[str] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> ProxyProcess:
-        merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
         name = f"proxy-{len(started) + 1}"
-        process = launch_proxy(tmp_path, name, merged, extra_args=extra_args, env=env)
+        process = launch_with_defaults(pg, tmp_path, name, config, extra_args=extra_args, env=env)
         started.append(process)
         return process
 
@@ -113,9 +118,7 @@ def proxy(proxy_factory: StartProxy) -> ProxyProcess:
 def module_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """One pgwarden with the default test configuration for a whole module, for modules
     whose tests only need a proxy (starting one per test would cost more than the tests)."""
-    process = launch_proxy(
-        tmp_path_factory.mktemp("proxy"), "proxy", default_config(f"{pg.host}:{pg.port}")
-    )
+    process = launch_with_defaults(pg, tmp_path_factory.mktemp("proxy"), "proxy")
     yield process
     process.stop()
 

@@ -25,7 +25,11 @@ import yaml
 from psycopg import errors
 
 from proxy.config import settings_from_dict
-from tests.support.proxy import REPO_ROOT, ProxyProcess, deep_merge, default_config, launch_proxy
+from tests.support.proxy import (
+    REPO_ROOT,
+    ProxyProcess,
+    launch_with_defaults,
+)
 from tests.support.rawpg import Message, RawClient, error_fields, query_message
 from tests.support.util import PgServer
 from tests.test_clients_cli import psql
@@ -94,7 +98,7 @@ def tables(pg: PgServer) -> Iterator[None]:
 
 
 def _launch(pg: PgServer, workdir: Path, name: str, rules: dict[str, Any]) -> ProxyProcess:
-    return launch_proxy(workdir, name, deep_merge(default_config(f"{pg.host}:{pg.port}"), rules))
+    return launch_with_defaults(pg, workdir, name, rules)
 
 
 @pytest.fixture(scope="module")

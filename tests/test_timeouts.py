@@ -28,7 +28,11 @@ import pytest
 import yaml
 from psycopg import errors
 
-from tests.support.proxy import REPO_ROOT, ProxyProcess, deep_merge, default_config, launch_proxy
+from tests.support.proxy import (
+    REPO_ROOT,
+    ProxyProcess,
+    launch_with_defaults,
+)
 from tests.support.rawpg import RawClient, error_fields, query_message
 from tests.support.util import PgServer, wait_until
 
@@ -88,8 +92,7 @@ def module_proxy(
     pg: PgServer, factory: pytest.TempPathFactory, name: str, config: dict[str, Any]
 ) -> Iterator[ProxyProcess]:
     """One pgwarden with `config` over the test defaults, for a whole module."""
-    merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config)
-    process = launch_proxy(factory.mktemp(name), name, merged)
+    process = launch_with_defaults(pg, factory.mktemp(name), name, config)
     yield process
     process.stop()
 

@@ -23,9 +23,16 @@ import yaml
 
 from proxy.config import deep_merge
 from proxy.pgcluster import free_port, make_dsn
-from tests.support.util import wait_until
+from tests.support.util import PgServer, wait_until
 
-__all__ = ["REPO_ROOT", "ProxyProcess", "deep_merge", "default_config", "launch_proxy"]
+__all__ = [
+    "REPO_ROOT",
+    "ProxyProcess",
+    "deep_merge",
+    "default_config",
+    "launch_proxy",
+    "launch_with_defaults",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
@@ -198,3 +205,17 @@ def launch_proxy(
         proxy.stop()
         raise
     return proxy
+
+
+def launch_with_defaults(
+    pg: PgServer,
+    workdir: Path,
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    extra_args: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ProxyProcess:
+    """launch_proxy() in front of `pg`, with `config` laid over the test defaults."""
+    merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
+    return launch_proxy(workdir, name, merged, extra_args=extra_args, env=env)
