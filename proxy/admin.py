@@ -103,6 +103,7 @@ class AdminServer:
                 await writer.wait_closed()
 
     async def _metrics(self, headers: dict[str, str]) -> Response:
+        self.proxy.backlog.flush()  # statements relayed but not yet counted
         registry = self.proxy.metrics.registry
         if "application/openmetrics-text" in headers.get("accept", ""):
             return 200, OPENMETRICS_CONTENT_TYPE, generate_openmetrics(registry)

@@ -1,20 +1,24 @@
-"""Per-session analysis: StatementTracker -> metrics and detectors -> AdviceSink.
+"""Per-session analysis: bytes -> StatementTracker -> metrics and detectors -> AdviceSink.
 
-The session calls it after the bytes are already on their way. Whatever goes wrong in
-here is logged and switches that part off for this session; it never reaches the relay.
+It reads the session's byte streams after they are on their way, framing them itself, so
+it can run later, from the Backlog, on chunks the relay forwarded long ago.
+Whatever goes wrong in here is logged and switches that part off for this session; it
+never reaches the relay.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.advice import AdviceSink
+from proxy.advice import Advice, AdviceSink
 from proxy.analysis.analyzer import Analyzer
+from proxy.backlog import Backlog
 from proxy.detectors import DETECTORS, Detector, SessionIdentity
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
+from proxy.protocol.framing import ProtocolViolation
 from proxy.statements import StatementEvent, StatementTracker
 
 __all__ = ["Analysis", "Inspector"]
@@ -30,54 +34,83 @@ class Analysis:
     sink: AdviceSink
     metrics: Metrics
     detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backlog: Backlog = field(default_factory=Backlog)
 
 
 class Inspector:
-    def __init__(self, analysis: Analysis, identity: SessionIdentity) -> None:
+    """One session's analysis. `client_at`/`server_at` say where each stream stands when
+    analysis starts, as `FrameDecoder.remaining()` of the relay's decoders tells it."""
+
+    def __init__(
+        self,
+        analysis: Analysis,
+        identity: SessionIdentity,
+        client_at: tuple[bytes, int] = (b"", 0),
+        server_at: tuple[bytes, int] = (b"", 0),
+    ) -> None:
         self.analysis = analysis
         self.metrics = analysis.metrics
+        self.backlog = analysis.backlog  # where the session queues chunks for later
         self.tracker: StatementTracker | None = StatementTracker(
-            analysis.analyzer, self._statements, time.perf_counter
+            analysis.analyzer, self._statements, client_at=client_at, server_at=server_at
         )
         self.detectors: list[Detector] = [
             DETECTORS[rule](options, identity) for rule, options in analysis.detectors.items()
         ]
 
-    def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
-        if self.tracker is not None:
+    def client(self, data: bytes, now: float) -> None:
+        """What the client sent (every byte, in order), received at `now`."""
+        tracker = self.tracker
+        if tracker is not None:
             try:
-                self.tracker.client(frames)
+                tracker.client(data, now)
+            except ProtocolViolation:
+                self.tracker = None  # the relay saw it first and closes the session
             except Exception:
                 self._tracker_failed()
 
-    def server(self, frames: list[tuple[int, memoryview | None]]) -> None:
-        if self.tracker is not None:
+    def server(self, data: bytes, now: float) -> None:
+        """What the client was sent (every byte, in order, as edited), at `now`."""
+        tracker = self.tracker
+        if tracker is not None:
             try:
-                self.tracker.server(frames)
+                tracker.server(data, now)
+            except ProtocolViolation:
+                self.tracker = None
             except Exception:
                 self._tracker_failed()
 
     def close(self) -> None:
+        self.backlog.flush()  # this session's chunks may still be waiting
         for detector in list(self.detectors):
-            self._run(detector, None)
+            try:
+                self._report(detector.session_end())
+            except Exception:
+                self._detector_failed(detector)
 
     def _tracker_failed(self) -> None:
         log.exception("tracker_failed", action="analysis off for this session")
         self.tracker = None
 
     def _statements(self, events: list[StatementEvent]) -> None:
+        """The statements of one round trip: metrics first, then each detector in turn."""
         record = self.metrics.record_statement
         for event in events:
             record(event)
-            for detector in self.detectors:
-                self._run(detector, event)
+        for detector in self.detectors:
+            try:
+                observe = detector.observe
+                for event in events:
+                    found = observe(event)
+                    if found:
+                        self._report(found)
+            except Exception:
+                self._detector_failed(detector)
 
-    def _run(self, detector: Detector, event: StatementEvent | None) -> None:
-        try:
-            found = detector.observe(event) if event is not None else detector.session_end()
-        except Exception:
-            log.exception("detector_failed", rule=detector.rule, action="disabled for session")
-            self.detectors.remove(detector)
-            return
+    def _report(self, found: Sequence[Advice]) -> None:
         for advice in found:
             self.analysis.sink.report(advice)
+
+    def _detector_failed(self, detector: Detector) -> None:
+        log.exception("detector_failed", rule=detector.rule, action="disabled for session")
+        self.detectors.remove(detector)

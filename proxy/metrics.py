@@ -216,7 +216,7 @@ class Metrics:
         self._by_sqlstate: dict[str, object] = {}
 
     def record_statement(self, event: StatementEvent) -> None:
-        info = event.info
+        info = event.parsed.info
         command = info.command
         stats = self._statements.get(command)
         if stats is None:
@@ -226,7 +226,9 @@ class Metrics:
                 stats = _CommandStats()
                 self._statements[label] = stats
             self._statements[command] = stats
-        duration = event.duration
+        duration = event.finished - event.started
+        if duration < 0.0:
+            duration = 0.0
         stats.count += 1
         stats.total += duration
         stats.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1

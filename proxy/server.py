@@ -13,6 +13,7 @@ from proxy import upstream
 from proxy.admin import AdminServer, json_response
 from proxy.advice import AdviceSink
 from proxy.analysis.analyzer import Analyzer
+from proxy.backlog import Backlog
 from proxy.config import ConfigError, Settings
 from proxy.inspector import Analysis
 from proxy.logs import configure_logging, get_logger
@@ -55,6 +56,7 @@ class ProxyServer:
             settings.advice.repeat_interval, on_report=self.metrics.record_advice
         )
         self.analyzer = Analyzer(settings.analysis.cache_size)
+        self.backlog = Backlog()  # every session's chunks waiting for analysis
         self.metrics.watch_analyzer(self.analyzer)
         self.metrics.watch_sessions(lambda: self.sessions)
         self.analysis: Analysis | None = None
@@ -160,12 +162,16 @@ class ProxyServer:
         # even when analysis is off; the detectors then stay off.
         detectors = settings.detectors.enabled() if settings.analysis.enabled else {}
         self.analyzer.resize(settings.analysis.cache_size)
-        self.analysis = Analysis(self.analyzer, self.sink, self.metrics, detectors)
+        self.analysis = Analysis(
+            self.analyzer, self.sink, self.metrics, detectors, backlog=self.backlog
+        )
 
     async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        self.backlog.flush()
         return json_response(200, {"advice": self.sink.snapshot()})
 
     async def _fingerprints(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        self.backlog.flush()
         return json_response(200, {"fingerprints": self.metrics.fingerprints.snapshot()})
 
     # --------------------------------------------------------------- sessions

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from proxy import statements, upstream
+from proxy import upstream
 from proxy.detectors import SessionIdentity
 from proxy.inspector import Analysis, Inspector
 from proxy.logs import get_logger
@@ -189,9 +189,13 @@ class Session(asyncio.Protocol):
                 self.server.write(out)
             if frames:
                 self.round_trips.client(frames)
-                if self.inspector is not None:
-                    self.inspector.client(frames)
-                    if self.guard is not None:
+            inspector = self.inspector
+            if inspector is not None:
+                if self.guard is None:
+                    inspector.backlog.add(inspector, True, data, time.perf_counter())
+                else:  # the guard times what runs now, so the tracker must know now
+                    inspector.client(data, time.perf_counter())
+                    if frames:
                         self.guard.client_active()
                         self._track_running()
         elif self.phase is Phase.STARTUP:
@@ -340,24 +344,27 @@ class Session(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._protocol_violation("server", exc)
                 return
-            if frames:
-                if self.inspector is not None:
-                    self.inspector.server(frames)
-                status = self.round_trips.status
-                ready = self.round_trips.server(frames)
-                if ready and self.round_trips.status != status:
-                    self._transaction_status_changed(status)
-                if self.guard is not None:
-                    if ready:
-                        self._timed_out = None  # the round trip ended: its error went through
-                    self._track_running()
-                    if ready:
-                        rt = self.round_trips
-                        self.guard.ready(rt.status, not rt.awaiting and not rt.unsynced)
-                if ready and self.draining:
-                    self._drain_if_idle()
-                if ready and self._blocked and not self.round_trips.busy:
-                    self._blocked.clear()  # nothing is owed: the blocks left were skipped
+            inspector = self.inspector
+            if inspector is not None:
+                if self.guard is None:
+                    inspector.backlog.add(inspector, False, data, time.perf_counter())
+                else:
+                    inspector.server(data, time.perf_counter())
+            status = self.round_trips.status
+            ready = self.round_trips.server(frames) if frames else False
+            if ready and self.round_trips.status != status:
+                self._transaction_status_changed(status)
+            if self.guard is not None:  # every chunk: a reply may start the next statement
+                if ready:
+                    self._timed_out = None  # the round trip ended: its error went through
+                self._track_running()
+                if ready:
+                    rt = self.round_trips
+                    self.guard.ready(rt.status, not rt.awaiting and not rt.unsynced)
+            if ready and self.draining:
+                self._drain_if_idle()
+            if ready and self._blocked and not self.round_trips.busy:
+                self._blocked.clear()  # nothing is owed: the blocks left were skipped
             editor = self._editor
             if (
                 editor is not None
@@ -420,13 +427,16 @@ class Session(asyncio.Protocol):
         if held:
             self._write_client(held)
         self._server_frames.inspect_limit = 1 << 16
+        self._server_frames.interest = SERVER_INTEREST
         analysis = self.host.analysis
         if analysis is not None:
             identity = SessionIdentity(self.user, self.database, self.application_name)
-            self.inspector = Inspector(analysis, identity)
-            self._server_frames.interest = statements.SERVER_INTEREST
-            self._client_frames.interest = statements.CLIENT_INTEREST
-            self._client_frames.inspect_limit = analysis.analyzer.max_statement_length * 4
+            self.inspector = Inspector(
+                analysis,
+                identity,
+                client_at=self._client_frames.remaining(),
+                server_at=self._server_frames.remaining(),
+            )
             rules = self.host.rules
             if rules is not None and rules.active:
                 self._statements = MessageEditor(b"QP", self._apply_rules)
@@ -440,8 +450,6 @@ class Session(asyncio.Protocol):
                     self._statement_timed_out,
                     self._transaction_timed_out,
                 )
-        else:
-            self._server_frames.interest = SERVER_INTEREST
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self._identity())
 

@@ -8,7 +8,7 @@ and the transaction status of each ReadyForQuery. Statements are reported when t
 trip ends, so each event knows how many statements shared the round trip and whether it
 ran inside a transaction.
 
-Sans-I/O: it sees decoded frames and a clock reading, nothing else. Parameter values are
+Sans-I/O: it sees decoded frames and when they arrived, nothing else. Parameter values are
 held in memory only, for the detectors, and never logged.
 """
 
@@ -17,11 +17,16 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.protocol import messages as m
-from proxy.protocol.framing import interest_table
+from proxy.protocol.framing import (
+    MAX_MESSAGE_LENGTH,
+    FrameDecoder,
+    ProtocolViolation,
+    interest_table,
+)
 
 __all__ = [
     "CLIENT_INTEREST",
@@ -32,8 +37,12 @@ __all__ = [
     "StatementTracker",
 ]
 
-CLIENT_INTEREST = interest_table(type_only=b"XHdcf", body=b"QPBEDCSF")
-SERVER_INTEREST = interest_table(type_only=b"123nsIGHWcV", body=b"ZECTDt")
+# What the tracker's FrameDecoders put back together when a chunk ends inside a message:
+# every message it reads, so that only a message too large to inspect comes without a body.
+CLIENT_INTEREST = interest_table(body=b"QPBEDCSF")
+SERVER_INTEREST = interest_table(body=b"123nsIGHWZECTDt")
+_SERVER_LIMIT = 1 << 16  # larger replies (a huge row or error) are not inspected
+_unpack_header = struct.Struct("!BI").unpack_from
 
 _MAX_PREPARED = 2000  # named statements remembered per session
 _MAX_PORTALS = 200
@@ -42,19 +51,38 @@ _MAX_PENDING_EVENTS = 1000
 _SAMPLE_ROWS = 1000
 _SAMPLE_BYTES = 256 * 1024
 _MAX_PARAM_BYTES = 8192  # larger Bind messages keep no parameter values
-_I16 = struct.Struct("!h")
+_STATUS = {0x49: b"I", 0x54: b"T", 0x45: b"E"}
+
+# What the server owes, in order: (kind, item) pairs in the queue.
+_BIND = "bind"
+_PARSE = "parse"
+_DESCRIBE = "describe"
+_CLOSE = "close"
+_EXECUTE = "execute"
+_SYNC = "sync"
+_QUERY = "query"
+_FUNCTION = "function"
+_ANSWERED_BY_ACK = frozenset((_BIND, _PARSE, _CLOSE, _DESCRIBE))  # 1, 2, 3, n replies
+_ENDS_ROUND_TRIP = frozenset((_SYNC, _QUERY, _FUNCTION))
+_OWED_BIND = (_BIND, None)
+_OWED_CLOSE = (_CLOSE, None)
+# a Query too large to read: counted, timed, never analysed
+_TOO_LARGE = Parsed(StatementInfo("", "", "OTHER", error="statement too large to inspect"))
 
 
-@dataclass(slots=True)
 class ResultSample:
     """The first rows of a result, kept raw and decoded only if a detector asks."""
 
-    description: bytes = b""  # the RowDescription body
-    rows: list[bytes] = field(default_factory=list)
-    size: int = 0
-    _columns: tuple[m.Column, ...] | None = None
-    # the Bind whose result formats apply, when the description came from Describe S
-    bind: bytes | None = field(default=None, repr=False)
+    __slots__ = ("_columns", "bind", "description", "rows")
+
+    def __init__(
+        self, description: bytes, bind: bytes | None = None, rows: list[bytes] | None = None
+    ) -> None:
+        self.description = description  # the RowDescription body
+        self.rows: list[bytes] = rows if rows is not None else []  # raw DataRow bodies
+        self._columns: tuple[m.Column, ...] | None = None
+        # the Bind whose result formats apply, when the description came from Describe S
+        self.bind = bind
 
     @property
     def columns(self) -> tuple[m.Column, ...]:
@@ -77,28 +105,49 @@ class ResultSample:
         return values
 
 
-@dataclass(slots=True)
 class StatementEvent:
-    """One finished statement."""
+    """One finished statement.
 
-    parsed: Parsed
-    sent: float
-    started: float
-    finished: float = 0.0
-    bind: bytes | None = field(default=None, repr=False)  # raw Bind body, decoded on demand
-    param_types: tuple[int, ...] = ()
-    rows: int | None = None
-    bytes_returned: int = 0
+    One is built per statement on the relay path, so its constructor sets only what every
+    statement has; the rest are class-level defaults until a reply sets them.
+    """
+
+    finished = 0.0
+    # its RowDescription, once known, and the Bind whose formats apply (Describe S)
+    description: bytes | None = None
+    formats_bind: bytes | None = None
+    sampled: list[bytes] | None = None  # the first DataRows, kept raw
+    sample_size = 0
+    tag: bytes | None = None  # the CommandComplete tag, NUL included
+    bytes_returned = 0
     sqlstate: str | None = None
-    round_trip: int = 0
-    round_trip_statements: int = 1
+    round_trip_statements = 1
     transaction: int | None = None
-    result: ResultSample | None = None
-    portal_suspended: bool = False
+    portal_suspended = False
     # its reply came in one piece with a later statement's, so its own duration is unknown
     # (PostgreSQL holds pipelined replies until Sync or Flush)
-    reply_batched: bool = False
-    _params: tuple[tuple[bytes | None, int], ...] | None = field(default=None, repr=False)
+    reply_batched = False
+    _result: ResultSample | None = None
+    _params: tuple[tuple[bytes | None, int], ...] | None = None
+
+    def __init__(
+        self,
+        parsed: Parsed,
+        sent: float,
+        started: float,
+        bind: bytes | None = None,  # raw Bind body, decoded on demand
+        param_types: tuple[int, ...] = (),
+        round_trip: int = 0,
+    ) -> None:
+        self.parsed = parsed
+        self.sent = sent
+        self.started = started
+        self.bind = bind
+        self.param_types = param_types
+        self.round_trip = round_trip
+
+    def __repr__(self) -> str:
+        return f"StatementEvent({self.parsed!r}, rows={self.rows}, sqlstate={self.sqlstate})"
 
     @property
     def info(self) -> StatementInfo:
@@ -107,6 +156,21 @@ class StatementEvent:
     @property
     def duration(self) -> float:
         return max(0.0, self.finished - self.started)
+
+    @property
+    def result(self) -> ResultSample | None:
+        """The first rows of its result and their columns, when the columns are known."""
+        if self._result is None and self.description is not None:
+            self._result = ResultSample(self.description, self.formats_bind, self.sampled)
+        return self._result
+
+    @property
+    def rows(self) -> int | None:
+        """The row count of the CommandComplete tag ("SELECT 5"), if it has one ("BEGIN")."""
+        if self.tag is None:
+            return None
+        _, space, count = self.tag[:-1].rpartition(b" ")
+        return int(count) if space and count.isdigit() else None
 
     def params(self) -> tuple[tuple[bytes | None, int], ...] | None:
         """(value, format) of each Bind parameter, or None when not known."""
@@ -124,220 +188,329 @@ class Running:
     later: tuple[StatementInfo, ...] = ()  # the rest of a multi-statement Query
 
 
-@dataclass(slots=True)
 class _Prepared:
-    parsed: Parsed
-    param_types: tuple[int, ...]
-    description: bytes | None = None  # RowDescription of Describe S: formats not bound yet
+    __slots__ = ("description", "param_types", "parsed")
+
+    def __init__(self, parsed: Parsed, param_types: tuple[int, ...]) -> None:
+        self.parsed = parsed
+        self.param_types = param_types
+        self.description: bytes | None = None  # RowDescription of Describe S: formats unbound
 
 
-@dataclass(slots=True)
 class _Portal:
-    prepared: _Prepared
-    bind: bytes | None
-    description: bytes | None = None  # RowDescription of Describe P: formats final
-    awaiting: StatementEvent | None = None  # an Execute sent before the Describe P reply
+    __slots__ = ("awaiting", "bind", "description", "prepared")
 
-    def sample(self) -> ResultSample | None:
-        """An empty sample for an Execute of this portal, when its columns are known."""
+    def __init__(self, prepared: _Prepared, bind: bytes | None) -> None:
+        self.prepared = prepared
+        self.bind = bind
+        self.description: bytes | None = None  # RowDescription of Describe P: formats final
+        self.awaiting: StatementEvent | None = None  # Executed before the Describe P reply
+
+    def describe(self, event: StatementEvent) -> bool:
+        """Gives `event` this portal's result columns; False when they are not known yet."""
         if self.description is not None:
-            return ResultSample(self.description)
+            event.description = self.description
+            return True
         if self.prepared.description is not None and self.bind is not None:
-            return ResultSample(self.prepared.description, bind=self.bind)
-        return None
+            event.description = self.prepared.description
+            event.formats_bind = self.bind
+            return True
+        return False
 
 
-@dataclass(slots=True)
+_DESCRIBED = (_Prepared, _Portal)
+
+
 class _QueryRun:
-    statements: tuple[Parsed, ...]
-    sent: float
-    round_trip: int
-    index: int = 0
-    current: StatementEvent | None = None
+    __slots__ = ("current", "index", "round_trip", "sent", "statements")
+
+    def __init__(self, statements: tuple[Parsed, ...], sent: float, round_trip: int) -> None:
+        self.statements = statements
+        self.sent = sent
+        self.round_trip = round_trip
+        self.index = 0
+        self.current: StatementEvent | None = None
 
 
 class StatementTracker:
-    """Feed it client and server frames in stream order; it calls `emit` per statement."""
+    """Feed it every byte of both streams, in the order relayed; it calls `emit` once per
+    round trip with the statements that round trip finished.
+
+    Written for the relay path: each chunk is walked in place, message by message, with
+    the common messages handled inline and nothing built for the rest; only a message
+    split across chunks goes through a FrameDecoder to be put back together.
+    `client_at`/`server_at` say where each stream stands when tracking starts (the
+    `FrameDecoder.remaining()` of whoever read it so far).
+    """
 
     def __init__(
         self,
         analyzer: Analyzer,
         emit: Callable[[list[StatementEvent]], None],
-        clock: Callable[[], float],
+        *,
+        client_at: tuple[bytes, int] = (b"", 0),
+        server_at: tuple[bytes, int] = (b"", 0),
     ) -> None:
         self.analyzer = analyzer
         self.emit = emit
-        self.clock = clock
         self.status = b"I"
         self._queue: deque[tuple[str, object]] = deque()
-        self._prepared: dict[str, _Prepared] = {}
-        self._portals: dict[str, _Portal] = {}
+        self._prepared: dict[bytes, _Prepared] = {}
+        self._portals: dict[bytes, _Portal] = {}
         self._round_trip = 1
         self._transaction = 0
         self._done: list[StatementEvent] = []
         self._last_finish = 0.0
         self.desynchronized = 0  # times a reply did not match what was owed
+        # UTF-8 takes up to 4 bytes a character
+        self._client_limit = analyzer.max_statement_length * 4
+        self._client = FrameDecoder(CLIENT_INTEREST, inspect_limit=self._client_limit)
+        self._client.resume(*client_at)
+        self._server = FrameDecoder(SERVER_INTEREST, inspect_limit=_SERVER_LIMIT)
+        self._server.resume(*server_at)
 
     # ------------------------------------------------------------------ client
 
-    def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
-        now = self.clock()
+    def client(self, data: bytes, now: float) -> None:
+        """Bytes the client sent, received at `now` (perf_counter seconds)."""
+        pos = 0
+        decoder = self._client
+        if not decoder.at_boundary:  # first the end of a message an earlier chunk began
+            frames, pos = decoder.finish(data)
+            for mtype, body in frames:
+                self._client_walk(_whole(mtype, body), 0, now)
+        if pos < len(data):
+            pos = self._client_walk(data, pos, now)
+            if pos < len(data):  # a message continues in the next chunk
+                for mtype, _ in decoder.feed(memoryview(data)[pos:]):
+                    self._client_uninspected(mtype)
+        if len(self._queue) >= _MAX_QUEUE:
+            self._reset()
+
+    def _client_walk(self, data: bytes, pos: int, now: float) -> int:
+        """Tracks each whole message from `pos`; returns where an incomplete one starts."""
         queue = self._queue
-        for mtype, body in frames:
-            if len(queue) >= _MAX_QUEUE:
-                self._reset()
+        size = len(data)
+        while size - pos >= 5:
+            mtype, length = _unpack_header(data, pos)
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
+            end = pos + 1 + length
+            if end > size:
+                break
+            start = pos + 5
+            pos = end
             if mtype == 0x42:  # Bind
-                self._bind(body)
+                queue.append(_OWED_BIND)
+                self._bind(data, start, end)
             elif mtype == 0x45:  # Execute
-                self._execute(body, now)
+                self._execute(data, start, end, now)
             elif mtype == 0x53:  # Sync
-                queue.append(("sync", self._round_trip))
+                queue.append((_SYNC, self._round_trip))
+                self._round_trip += 1
+            elif mtype == 0x51:  # Query
+                if end - start > self._client_limit:
+                    self._client_uninspected(mtype)
+                    continue
+                sql = data[start : end - 1].decode("utf-8", "surrogateescape")
+                queue.append((_QUERY, _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)))
                 self._round_trip += 1
             elif mtype == 0x50:  # Parse
-                self._parse(body)
-            elif mtype == 0x51 and body is not None:  # Query
-                sql = m.Query.decode(body).sql
-                run = _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)
-                queue.append(("query", run))
-                self._round_trip += 1
-            elif mtype == 0x44 and body is not None:  # Describe
-                if body == b"P\0":  # the unnamed portal, as libpq describes every query
-                    queue.append(("describe", self._portals.get("")))
-                    continue
-                describe = m.Describe.decode(body)
-                names = self._prepared if describe.kind == b"S" else self._portals
-                queue.append(("describe", names.get(describe.name)))  # what it describes
-            elif mtype == 0x43 and body is not None:  # Close
-                close = m.Close.decode(body)
-                queue.append(("close", close))
-                if close.kind == b"S":
-                    self._prepared.pop(close.name, None)
+                if end - start > self._client_limit:
+                    self._client_uninspected(mtype)
                 else:
-                    self._portals.pop(close.name, None)
+                    self._parse(data[start:end])
+            elif mtype == 0x44:  # Describe: what it describes
+                names = self._portals if data[start] == 0x50 else self._prepared
+                queue.append((_DESCRIBE, names.get(data[start + 1 : end - 1])))
+            elif mtype == 0x43:  # Close
+                names = self._portals if data[start] == 0x50 else self._prepared
+                names.pop(data[start + 1 : end - 1], None)  # type: ignore[arg-type]
+                queue.append(_OWED_CLOSE)
             elif mtype == 0x46:  # FunctionCall
-                queue.append(("function", self._round_trip))
+                queue.append((_FUNCTION, self._round_trip))
                 self._round_trip += 1
+        return pos
 
-    def _parse(self, body: memoryview | None) -> None:
-        if body is None:
-            self._queue.append(("parse", None))
-            return
-        parse = m.Parse.decode(body)
-        statements = self.analyzer.analyze(parse.sql)
-        prepared = _Prepared(statements[0], parse.param_types)
-        if parse.name and len(self._prepared) >= _MAX_PREPARED:
+    def _client_uninspected(self, mtype: int) -> None:
+        """A message too large to inspect: what it is owed is known, what it says is not."""
+        queue = self._queue
+        if mtype == 0x42:  # a Bind: its portal is unknown, so the unnamed one is stale
+            queue.append(_OWED_BIND)
+            self._portals.pop(b"", None)
+        elif mtype == 0x51:
+            run = _QueryRun((_TOO_LARGE,), self._last_finish, self._round_trip)
+            queue.append((_QUERY, run))
+            self._round_trip += 1
+        elif mtype == 0x50:
+            queue.append((_PARSE, None))
+        elif mtype == 0x44:
+            queue.append((_DESCRIBE, None))
+        elif mtype == 0x43:
+            queue.append(_OWED_CLOSE)
+
+    def _parse(self, raw: bytes) -> None:
+        parse = m.Parse.decode(raw)
+        name = raw[: raw.index(0)]
+        prepared = _Prepared(self.analyzer.analyze(parse.sql)[0], parse.param_types)
+        if name and len(self._prepared) >= _MAX_PREPARED:
             self._prepared.pop(next(iter(self._prepared)))
-        self._prepared[parse.name] = prepared
-        self._queue.append(("parse", prepared))
+        self._prepared[name] = prepared
+        self._queue.append((_PARSE, prepared))
 
-    def _bind(self, body: memoryview | None) -> None:
-        self._queue.append(("bind", None))
-        if body is None:
-            return
+    def _bind(self, data: bytes, start: int, end: int) -> None:
         # portal and statement names lead the body: two NUL-terminated strings
-        raw = bytes(body) if len(body) <= _MAX_PARAM_BYTES else None
-        head = raw if raw is not None else bytes(body[:1024])
-        end_portal = head.find(b"\0")
-        end_statement = head.find(b"\0", end_portal + 1)
+        end_portal = data.find(0, start, end)
+        end_statement = data.find(0, end_portal + 1, end)
         if end_portal < 0 or end_statement < 0:
             return
-        portal = head[:end_portal].decode("utf-8", "surrogateescape")
-        name = head[end_portal + 1 : end_statement].decode("utf-8", "surrogateescape")
-        prepared = self._prepared.get(name)
+        prepared = self._prepared.get(data[end_portal + 1 : end_statement])
         if prepared is None:
             return
+        raw = data[start:end] if end - start <= _MAX_PARAM_BYTES else None
+        portal = data[start:end_portal]
         current = self._portals.get(portal)
         if current is not None and current.prepared is prepared:
-            current.bind, current.description, current.awaiting = raw, None, None
-            return  # the same statement bound again: reuse the portal
+            current.bind = raw  # the same statement bound again: reuse the portal
+            current.description = current.awaiting = None
+            return
         if portal and len(self._portals) >= _MAX_PORTALS:
             self._portals.pop(next(iter(self._portals)))
         self._portals[portal] = _Portal(prepared, raw)
 
-    def _execute(self, body: memoryview | None, now: float) -> None:
+    def _execute(self, data: bytes, start: int, end: int, now: float) -> None:
         # the unnamed portal, by far the most common, needs no decoding
-        unnamed = body is None or body[0] == 0
-        portal_name = "" if unnamed else m.Execute.decode(body).portal  # type: ignore[arg-type]
-        portal = self._portals.get(portal_name)
+        portal = self._portals.get(b"" if data[start] == 0 else data[start : end - 5])
         if portal is None:
-            self._queue.append(("execute", None))
+            self._queue.append((_EXECUTE, None))
             return
+        prepared = portal.prepared
         event = StatementEvent(
-            portal.prepared.parsed,
-            sent=now,
-            started=now,
-            bind=portal.bind,
-            param_types=portal.prepared.param_types,
-            round_trip=self._round_trip,
-            result=portal.sample(),
+            prepared.parsed, now, now, portal.bind, prepared.param_types, self._round_trip
         )
-        if event.result is None:
+        if not portal.describe(event):
             portal.awaiting = event  # libpq: Bind, Describe P, Execute in one go
-        self._queue.append(("execute", event))
+        self._queue.append((_EXECUTE, event))
 
     # ------------------------------------------------------------------ server
 
-    def server(self, frames: list[tuple[int, memoryview | None]]) -> None:
-        now = self.clock()
+    def server(self, data: bytes, now: float) -> None:
+        """Bytes sent to the client (as edited), received from the server at `now`."""
+        pos = 0
+        decoder = self._server
+        if not decoder.at_boundary:
+            frames, pos = decoder.finish(data)
+            for mtype, body in frames:
+                self._server_walk(_whole(mtype, body), 0, now)
+        size = len(data)
+        if pos < size:
+            pos = self._server_walk(data, pos, now)
+            if pos < size:  # a message continues in the next chunk
+                if size - pos >= 5 and data[pos] == 0x44:  # a DataRow: its size is known now
+                    length = _unpack_header(data, pos)[1]
+                    event = self._running() if length - 4 > _SERVER_LIMIT else None
+                    if event is not None:  # too large to be put back together: count it here
+                        event.bytes_returned += length + 1
+                for mtype, _ in decoder.feed(memoryview(data)[pos:]):
+                    self._server_uninspected(mtype, now)
+
+    def _server_walk(self, data: bytes, pos: int, now: float) -> int:
+        """Tracks each whole message from `pos`; returns where an incomplete one starts."""
         queue = self._queue
-        for mtype, body in frames:
+        size = len(data)
+        receiving: StatementEvent | None = None  # the statement this run of DataRows is for
+        while size - pos >= 5:
+            mtype, length = _unpack_header(data, pos)
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
+            end = pos + 1 + length
+            if end > size:
+                break
+            start = pos + 5
+            pos = end
             if mtype == 0x44:  # DataRow
-                event = self._running()
-                if event is not None and body is not None:
-                    event.bytes_returned += len(body) + 5
-                    sample = event.result
-                    if (
-                        sample is not None
-                        and len(sample.rows) < _SAMPLE_ROWS
-                        and sample.size < _SAMPLE_BYTES
-                    ):
-                        sample.rows.append(bytes(body))
-                        sample.size += len(body)
+                event = receiving if receiving is not None else self._running()
+                if event is None:
+                    continue
+                receiving = event
+                event.bytes_returned += length + 1
+                if event.description is not None and length - 4 <= _SERVER_LIMIT:
+                    sampled = event.sampled
+                    if sampled is None:
+                        event.sampled = [data[start:end]]
+                        event.sample_size = length - 4
+                    elif len(sampled) < _SAMPLE_ROWS and event.sample_size < _SAMPLE_BYTES:
+                        sampled.append(data[start:end])
+                        event.sample_size += length - 4
                 continue
+            receiving = None
             if not queue:
                 continue
-            kind, item = queue[0]
-            if mtype == 0x43 or mtype == 0x49 or mtype == 0x73:  # Complete, Empty, Suspended
-                self._complete(now, body if mtype == 0x43 else None, suspended=mtype == 0x73)
-            elif mtype == 0x54:  # RowDescription
-                if kind == "describe":
+            if mtype == 0x43:  # CommandComplete
+                kind, event = queue[0]
+                if kind is _EXECUTE:  # the extended protocol's common case, inline
                     queue.popleft()
-                    if isinstance(item, _Prepared | _Portal) and body is not None:
-                        item.description = bytes(body)
-                    if isinstance(item, _Portal) and item.awaiting is not None:
-                        item.awaiting.result = item.sample()
-                        item.awaiting = None
+                    if event is not None:
+                        self._finish(event, now)  # type: ignore[arg-type]
+                        event.tag = data[start:end]  # type: ignore[attr-defined]
                 else:
-                    event = self._running()
-                    if event is not None and body is not None:
-                        event.result = ResultSample(bytes(body))
+                    self._complete(now, data[start:end])
+            elif mtype == 0x5A:  # ReadyForQuery
+                self._ready(data[start] if end > start else 0x49)
             elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
                 # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
-                if kind in ("bind", "parse", "close", "describe"):
+                if queue[0][0] in _ANSWERED_BY_ACK:
                     queue.popleft()
                 else:
                     self.desynchronized += 1
+            elif mtype == 0x54:  # RowDescription
+                self._row_description(data[start:end] if length - 4 <= _SERVER_LIMIT else None)
+            elif mtype == 0x49 or mtype == 0x73:  # EmptyQueryResponse, PortalSuspended
+                self._complete(now, None, suspended=mtype == 0x73)
             elif mtype == 0x74:  # ParameterDescription
-                if kind == "describe" and body is not None and isinstance(item, _Prepared):
-                    item.param_types = m.ParameterDescription.decode(body).type_oids
+                kind, item = queue[0]
+                if kind is _DESCRIBE and isinstance(item, _Prepared):
+                    item.param_types = m.ParameterDescription.decode(data[start:end]).type_oids
             elif mtype == 0x45:  # ErrorResponse
-                self._error(now, body)
-            elif mtype == 0x5A:  # ReadyForQuery
-                self._ready(body)
+                self._error(now, m.ErrorResponse.decode(data[start:end]).sqlstate)
             elif mtype == 0x47 or mtype == 0x48 or mtype == 0x57:  # COPY begins
                 self._running()
-            elif mtype == 0x56:  # FunctionCallResponse
-                pass
+        return pos
+
+    def _server_uninspected(self, mtype: int, now: float) -> None:
+        """A reply too large to inspect (a DataRow was counted when its header came)."""
+        if not self._queue:
+            return
+        if mtype == 0x45:
+            self._error(now, "")
+        elif mtype == 0x43:
+            self._complete(now, None)
+        elif mtype == 0x54:
+            self._row_description(None)
+
+    def _row_description(self, body: bytes | None) -> None:
+        kind, item = self._queue[0]
+        if kind is _DESCRIBE:
+            self._queue.popleft()
+            if isinstance(item, _DESCRIBED) and body is not None:
+                item.description = body
+            if isinstance(item, _Portal) and item.awaiting is not None:
+                item.describe(item.awaiting)
+                item.awaiting = None
+        else:
+            event = self._running()
+            if event is not None and body is not None:
+                event.description = body
 
     def current(self) -> Running | None:
         """The statement the server is executing now, since when, and (for a Query) the
         statements of the same Query still to come; None when the server is idle."""
         for kind, item in self._queue:
-            if kind == "execute":
+            if kind is _EXECUTE:
                 if not isinstance(item, StatementEvent):
                     return None
                 return Running(item, max(item.sent, self._last_finish))
-            if kind == "query":
+            if kind is _QUERY:
                 if item is not self._queue[0][1]:
                     return None
                 event = self._running()
@@ -347,7 +520,7 @@ class StatementTracker:
                 assert isinstance(run, _QueryRun)
                 later = tuple(p.info for p in run.statements[run.index + 1 :])
                 return Running(event, event.started, later)
-            if kind in ("sync", "function"):
+            if kind is _SYNC or kind is _FUNCTION:
                 return None
         return None
 
@@ -356,86 +529,86 @@ class StatementTracker:
         if not self._queue:
             return None
         kind, item = self._queue[0]
-        if kind == "execute":
+        if kind is _EXECUTE:
             return item  # type: ignore[return-value]
-        if kind == "query":
-            run = item
-            assert isinstance(run, _QueryRun)
+        if kind is _QUERY:
+            run: _QueryRun = item  # type: ignore[assignment]
             if run.current is None and run.index < len(run.statements):
-                start = max(run.sent, self._last_finish)
                 run.current = StatementEvent(
                     run.statements[run.index],
-                    sent=run.sent,
-                    started=start,
-                    round_trip=run.round_trip,
+                    run.sent,
+                    max(run.sent, self._last_finish),
+                    None,
+                    (),
+                    run.round_trip,
                 )
             return run.current
         return None
 
-    def _complete(self, now: float, body: memoryview | None, *, suspended: bool = False) -> None:
-        kind, item = self._queue[0]
-        if kind == "execute":
-            self._queue.popleft()
+    def _complete(self, now: float, tag: bytes | None, *, suspended: bool = False) -> None:
+        queue = self._queue
+        kind, item = queue[0]
+        if kind is _EXECUTE:
+            queue.popleft()
             event = item
-        elif kind == "query":
+        elif kind is _QUERY:
             event = self._running()
-            run = item
-            assert isinstance(run, _QueryRun)
+            run: _QueryRun = item  # type: ignore[assignment]
             run.current = None
             run.index += 1
         else:
             self.desynchronized += 1
             return
-        if not isinstance(event, StatementEvent):
+        if event is None:
             return
-        self._finish(event, now)
-        event.portal_suspended = suspended
-        if body is not None:
-            # the tag's last word is the row count, when it has one ("SELECT 5", "BEGIN")
-            _, space, count = bytes(body[:-1]).rpartition(b" ")
-            event.rows = int(count) if space and count.isdigit() else None
+        self._finish(event, now)  # type: ignore[arg-type]
+        event.tag = tag  # type: ignore[union-attr]
+        if suspended:
+            event.portal_suspended = True  # type: ignore[union-attr]
 
     def _finish(self, event: StatementEvent, now: float) -> None:
         # Replies come in order, so a pipelined statement starts when the one before ends.
-        event.started = max(event.started, self._last_finish)
-        if self._done and self._last_finish == now:
-            self._done[-1].reply_batched = True
+        last = self._last_finish
+        if last > event.started:
+            event.started = last
+        done = self._done
+        if last == now and done:
+            done[-1].reply_batched = True
         event.finished = now
         self._last_finish = now
-        self._done.append(event)
-        if len(self._done) >= _MAX_PENDING_EVENTS:
+        done.append(event)
+        if len(done) >= _MAX_PENDING_EVENTS:
             self._flush(self.status, self.status)
 
-    def _error(self, now: float, body: memoryview | None) -> None:
-        sqlstate = m.ErrorResponse.decode(body).sqlstate if body is not None else ""
+    def _error(self, now: float, sqlstate: str) -> None:
         kind, item = self._queue[0]
-        if kind == "query":
+        if kind is _QUERY:
             event = self._running()
             if event is not None:
                 event.sqlstate = sqlstate
                 self._finish(event, now)
-            run = item
-            assert isinstance(run, _QueryRun)
+            run: _QueryRun = item  # type: ignore[assignment]
             run.index = len(run.statements)  # the rest of the Query does not run
             run.current = None
             return
         # Extended protocol: the failing message and everything up to Sync is discarded.
-        while self._queue and self._queue[0][0] not in ("sync", "query", "function"):
+        while self._queue and self._queue[0][0] not in _ENDS_ROUND_TRIP:
             kind, item = self._queue.popleft()
-            if kind == "execute" and isinstance(item, StatementEvent):
+            if kind is _EXECUTE and isinstance(item, StatementEvent):
                 item.sqlstate = sqlstate
                 self._finish(item, now)
                 sqlstate = "skipped"
 
-    def _ready(self, body: memoryview | None) -> None:
-        status = bytes(body[:1]) if body is not None else b"I"
-        while self._queue:
-            kind, _ = self._queue.popleft()
-            if kind in ("sync", "function", "query"):
+    def _ready(self, status_byte: int) -> None:
+        status = _STATUS.get(status_byte) or bytes((status_byte,))
+        queue = self._queue
+        while queue:
+            if queue.popleft()[0] in _ENDS_ROUND_TRIP:
                 break
         # Replies come in order, so the status the previous ReadyForQuery reported is the one
         # this round trip started in, even when the client pipelined it before that reply.
-        self._flush(self.status, status)
+        if self._done:
+            self._flush(self.status, status)
         self.status = status
 
     def _flush(self, before: bytes, after: bytes) -> None:
@@ -443,13 +616,17 @@ class StatementTracker:
         if not done:
             return
         self._done = []
-        in_tx = before != b"I" or after != b"I"
-        if before == b"I" and after != b"I":
+        if before != b"I":
+            transaction: int | None = self._transaction
+        elif (
+            after != b"I"
+            or done[0].parsed.info.command == "BEGIN"
+            or (len(done) > 1 and any(e.parsed.info.command == "BEGIN" for e in done))
+        ):
             self._transaction += 1
-        elif before == b"I" and any(e.info.command == "BEGIN" for e in done):
-            self._transaction += 1
-            in_tx = True
-        transaction = self._transaction if in_tx else None
+            transaction = self._transaction
+        else:
+            transaction = None
         if len(done) == 1:  # the common case: one statement, one round trip
             done[0].transaction = transaction
             self.emit(done)
@@ -467,6 +644,11 @@ class StatementTracker:
         self.desynchronized += 1
         self._queue.clear()
         self._done.clear()
+
+
+def _whole(mtype: int, body: memoryview | None) -> bytes:
+    """A message put back together by a FrameDecoder, as it was on the wire."""
+    return m.frame(bytes((mtype,)), bytes(body) if body is not None else b"")
 
 
 def _with_formats(columns: tuple[m.Column, ...], formats: tuple[int, ...]) -> tuple[m.Column, ...]:

@@ -418,3 +418,41 @@ def test_fuzz_random_bytes_raise_only_protocol_violation() -> None:
         except ProtocolViolation:
             violations += 1
     assert violations > 500
+
+
+def test_finish_completes_only_the_held_message() -> None:
+    """finish() hands back the split message and where whole messages resume, no further."""
+    first, second = msg(b"Q", b"select 1\x00"), msg(b"Z", b"I")
+    decoder = FrameDecoder(interest_table(body=b"QZ"))
+    assert decoder.feed(first[:6]) == []
+    chunk = first[6:] + second
+    frames, pos = decoder.finish(chunk)
+    assert [(t, bytes(b)) for t, b in frames if b is not None] == [(ord("Q"), b"select 1\x00")]
+    assert pos == len(first) - 6 and chunk[pos:] == second
+    assert decoder.at_boundary
+    assert decoder.finish(second) == ([], 0)  # nothing held: nothing to do
+
+
+def test_finish_passes_over_an_uninspected_message() -> None:
+    big = msg(b"D", b"x" * 100)
+    decoder = FrameDecoder(interest_table(body=b"DZ"), inspect_limit=10)
+    assert decoder.feed(big[:20]) == [(ord("D"), None)]
+    frames, pos = decoder.finish(big[20:50])
+    assert (frames, pos) == ([], 30) and not decoder.at_boundary
+    frames, pos = decoder.finish(big[50:] + msg(b"Z", b"I"))
+    assert (frames, pos) == ([], len(big) - 50) and decoder.at_boundary
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5, 9])
+def test_resume_from_another_decoders_position(cut: int) -> None:
+    """A decoder started where another stands frames the rest of the stream the same way."""
+    stream = msg(b"S", _cstr("a") + _cstr("b")) + msg(b"Z", b"I") + msg(b"Z", b"T")
+    reader = FrameDecoder(interest_table(body=b"SZ"))
+    reader.feed(stream[:cut])
+    follower = FrameDecoder(interest_table(body=b"SZ"))
+    follower.resume(*reader.remaining())
+    # a header cut short is handed over whole, so that message is read; a body is not
+    first = [(ord("S"), _cstr("a") + _cstr("b"))] if cut < 5 else []
+    frames = [(t, bytes(b)) for t, b in follower.feed(stream[cut:]) if b is not None]
+    assert frames == [*first, (ord("Z"), b"I"), (ord("Z"), b"T")]
+    assert follower.at_boundary

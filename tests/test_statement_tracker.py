@@ -1,8 +1,8 @@
 """StatementTracker attributes every server reply to its statement, in protocol order.
 
-Playbook style: each test feeds hand-built client and server messages, framed exactly as the
-relay frames them (FrameDecoder with the tracker's interest tables), and checks the
-StatementEvents emitted: text, rows, SQLSTATE, round trips, transactions, result samples.
+Playbook style: each test feeds hand-built client and server messages as raw bytes, as the
+relay hands them over, and checks the StatementEvents emitted: text, rows, SQLSTATE, round
+trips, transactions, result samples.
 """
 
 from __future__ import annotations
@@ -13,23 +13,21 @@ import pytest
 
 from proxy.analysis.analyzer import Analyzer
 from proxy.protocol import messages as m
-from proxy.protocol.framing import FrameDecoder
-from proxy.statements import CLIENT_INTEREST, SERVER_INTEREST, StatementEvent, StatementTracker
+from proxy.statements import StatementEvent, StatementTracker
 
 INT4 = 23
 TEXT = 25
 
 
 class Playbook:
-    """A tracker fed through real framing, with a clock that advances 1 ms per read."""
+    """A tracker fed raw protocol bytes as the relay reads them, with a clock that advances
+    1 ms per read."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.events: list[StatementEvent] = []
         self.batches: list[list[StatementEvent]] = []
-        self.tracker = StatementTracker(Analyzer(), self._emit, self._clock)
-        self._client = FrameDecoder(CLIENT_INTEREST)
-        self._server = FrameDecoder(SERVER_INTEREST)
+        self.tracker = StatementTracker(Analyzer(), self._emit)
 
     def _clock(self) -> float:
         self.now += 0.001
@@ -40,10 +38,10 @@ class Playbook:
         self.events.extend(events)
 
     def client(self, *messages: m._Message) -> None:
-        self.tracker.client(self._client.feed(b"".join(msg.encode() for msg in messages)))
+        self.tracker.client(b"".join(msg.encode() for msg in messages), self._clock())
 
     def server(self, *messages: m._Message) -> None:
-        self.tracker.server(self._server.feed(b"".join(msg.encode() for msg in messages)))
+        self.tracker.server(b"".join(msg.encode() for msg in messages), self._clock())
 
     def texts(self) -> list[str]:
         return [e.info.normalized for e in self.events]
@@ -480,7 +478,7 @@ def test_frames_split_across_chunks() -> None:
     p = Playbook()
     raw = b"".join(msg.encode() for msg in extended("SELECT * FROM t WHERE id = $1", int4(9)))
     for i in range(0, len(raw), 3):
-        p.tracker.client(p._client.feed(raw[i : i + 3]))
+        p.tracker.client(raw[i : i + 3], p._clock())
     reply = (
         b"".join(
             msg.encode()
@@ -494,10 +492,106 @@ def test_frames_split_across_chunks() -> None:
         + ready().encode()
     )
     for i in range(0, len(reply), 2):
-        p.tracker.server(p._server.feed(reply[i : i + 2]))
+        p.tracker.server(reply[i : i + 2], p._clock())
     (event,) = p.events
     assert event.params() == ((int4(9), 1),)
     assert event.rows == 0
+
+
+def test_every_chunking_of_a_pipeline_gives_the_same_events() -> None:
+    """Walking whole messages in place and putting split ones back together agree."""
+    sent = b"".join(
+        msg.encode()
+        for msg in (
+            *extended("SELECT * FROM t WHERE id = $1", int4(1), name="s1"),
+            m.Bind("p1", "s1", (1,), (int4(2),), ()),
+            m.Describe(b"P", "p1"),
+            m.Execute("p1"),
+            m.Close(b"P", "p1"),
+            m.Sync(),
+        )
+    )
+    reply = b"".join(
+        msg.encode()
+        for msg in (
+            m.ParseComplete(),
+            m.BindComplete(),
+            columns(("id", INT4, 1)),
+            row(int4(1)),
+            m.CommandComplete("SELECT 1"),
+            ready(),
+            m.BindComplete(),
+            columns(("id", INT4, 1)),
+            row(int4(2)),
+            row(int4(3)),
+            m.CommandComplete("SELECT 2"),
+            m.CloseComplete(),
+            ready(),
+        )
+    )
+
+    def events(size: int) -> list[tuple[str, int | None, int, list[bytes | None]]]:
+        p = Playbook()
+        for i in range(0, len(sent), size):
+            p.tracker.client(sent[i : i + size], p._clock())
+        for i in range(0, len(reply), size):
+            p.tracker.server(reply[i : i + size], p._clock())
+        assert p.tracker.desynchronized == 0
+        return [
+            (e.info.normalized, e.rows, e.bytes_returned, e.result.column_values(0))
+            for e in p.events
+            if e.result is not None
+        ]
+
+    whole = events(len(sent) + len(reply))
+    assert [rows for _, rows, _, _ in whole] == [1, 2]
+    assert whole[1][3] == [int4(2), int4(3)]
+    for size in (1, 2, 3, 5, 7, 11, 64):
+        assert events(size) == whole
+
+
+def test_a_query_too_large_to_inspect_is_still_owed_its_reply() -> None:
+    """Counted (and its reply attributed to it), never analysed: the next one is intact."""
+    p = Playbook()
+    limit = p.tracker.analyzer.max_statement_length * 4
+    huge = "SELECT '" + "x" * limit + "'"
+    raw = m.Query(huge).encode()
+    for i in range(0, len(raw), 65536):  # as the relay reads it
+        p.tracker.client(raw[i : i + 65536], p._clock())
+    p.client(m.Query("SELECT 1"))
+    p.server(columns(("x", TEXT, 0)), row(b"x" * 10), m.CommandComplete("SELECT 1"), ready())
+    p.server(columns(("n", INT4, 0)), row(b"1"), m.CommandComplete("SELECT 1"), ready())
+    first, second = p.events
+    assert first.info.error == "statement too large to inspect" and first.rows == 1
+    assert second.info.normalized == "SELECT $1" and second.rows == 1
+    assert p.tracker.desynchronized == 0
+
+
+def test_a_row_too_large_to_inspect_is_counted_not_kept() -> None:
+    """A DataRow over the inspection limit, split across reads, still counts its bytes."""
+    p = Playbook()
+    p.client(m.Query("SELECT big FROM blobs"))
+    big = row(b"z" * 200_000).encode()
+    reply = columns(("big", TEXT, 0)).encode() + big + m.CommandComplete("SELECT 1").encode()
+    reply += ready().encode()
+    for i in range(0, len(reply), 65536):
+        p.tracker.server(reply[i : i + 65536], p._clock())
+    (event,) = p.events
+    assert event.bytes_returned == len(big)
+    assert event.result is not None and event.result.rows == []
+    assert event.rows == 1
+
+
+def test_tracking_may_start_inside_a_message() -> None:
+    """Started where the relay's own reader stands, the tracker skips the message under way."""
+    rest = m.ParameterStatus("application_name", "app").encode()
+    p = Playbook()
+    p.tracker = StatementTracker(Analyzer(), p._emit, server_at=(b"", len(rest) - 7))
+    p.client(m.Query("SELECT 1"))
+    p.tracker.server(rest[7:], p._clock())
+    p.server(columns(("n", INT4, 0)), row(b"1"), m.CommandComplete("SELECT 1"), ready())
+    (event,) = p.events
+    assert event.rows == 1 and p.tracker.desynchronized == 0
 
 
 def test_unexpected_replies_never_raise() -> None:

@@ -7,13 +7,16 @@ report a burst still open. It keeps only bounded state and never touches I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from proxy.advice import Advice
 from proxy.analysis.matching import SessionIdentity
 from proxy.statements import StatementEvent
 
-__all__ = ["Detector", "SessionIdentity"]
+__all__ = ["NO_ADVICE", "Detector", "SessionIdentity"]
+
+NO_ADVICE: tuple[Advice, ...] = ()  # what nearly every observe() returns: nothing to build
 
 
 class Detector:
@@ -24,11 +27,12 @@ class Detector:
         self.options = {**self.defaults, **options}
         self.identity = identity
 
-    def observe(self, event: StatementEvent) -> list[Advice]:
-        return []
+    def observe(self, event: StatementEvent) -> Sequence[Advice]:
+        """Called for every statement of the session: return fast when it is not of interest."""
+        return NO_ADVICE
 
-    def session_end(self) -> list[Advice]:
-        return []
+    def session_end(self) -> Sequence[Advice]:
+        return NO_ADVICE
 
     def advice(self, event: StatementEvent, **fields: Any) -> Advice:
         """Advice about `event`'s statement, identity filled in; values never included."""

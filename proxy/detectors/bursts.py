@@ -48,12 +48,12 @@ class Bursts(Generic[B]):
         self.gap = gap
         self.max_open = max_open
         self._open: OrderedDict[str, B] = OrderedDict()
-        self._transaction: int | None = None
+        self.transaction: int | None = None  # of the statement seen last
 
     def add(self, event: StatementEvent) -> tuple[B, list[B]]:
         """Adds `event` to its fingerprint's burst; returns it and the bursts that ended."""
         ended = self.transaction_seen(event)
-        key = event.info.fingerprint
+        key = event.parsed.info.fingerprint
         burst = self._open.get(key)
         if burst is not None and (
             burst.transaction != event.transaction
@@ -72,9 +72,9 @@ class Bursts(Generic[B]):
 
     def transaction_seen(self, event: StatementEvent) -> list[B]:
         """Any statement of a new transaction ends the bursts of the previous one."""
-        if event.transaction == self._transaction:
+        if event.transaction == self.transaction:
             return []
-        self._transaction = event.transaction
+        self.transaction = event.transaction
         ended = [b for b in self._open.values() if b.transaction != event.transaction]
         for burst in ended:
             del self._open[burst.template.info.fingerprint]

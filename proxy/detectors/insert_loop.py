@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.statements import StatementEvent
 from rewriters.batching import multirow_insert_sql
@@ -22,14 +23,17 @@ class InsertLoop(Detector):
         self.min_repeats = int(self.options["min_repeats"])
         self._bursts: Bursts[Burst] = Bursts(Burst)
 
-    def observe(self, event: StatementEvent) -> list[Advice]:
-        info = event.info
-        if not info.single_row_insert or event.sqlstate is not None:
-            return self._judge(self._bursts.transaction_seen(event))
-        _, ended = self._bursts.add(event)
-        return self._judge(ended)
+    def observe(self, event: StatementEvent) -> Sequence[Advice]:
+        info = event.parsed.info
+        if info.values_rows == 1 and info.command == "INSERT" and event.sqlstate is None:
+            _, ended = self._bursts.add(event)
+        elif event.transaction != self._bursts.transaction:
+            ended = self._bursts.transaction_seen(event)
+        else:
+            return NO_ADVICE
+        return self._judge(ended) if ended else NO_ADVICE
 
-    def session_end(self) -> list[Advice]:
+    def session_end(self) -> Sequence[Advice]:
         return self._judge(self._bursts.close_all())
 
     def _judge(self, bursts: list[Burst]) -> list[Advice]:

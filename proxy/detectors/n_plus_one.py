@@ -10,10 +10,11 @@ keys, the shape of a pooled web connection, stay silent: nothing ties them toget
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.detectors.values import canonical, literal_text
 from proxy.statements import ResultSample, StatementEvent
@@ -69,32 +70,36 @@ class NPlusOne(Detector):
         self._bursts: Bursts[_LookupBurst] = Bursts(_LookupBurst)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
 
-    def observe(self, event: StatementEvent) -> list[Advice]:
-        info = event.info
-        is_lookup = (
-            info.command == "SELECT"
-            and info.lookups
-            and not info.batched_lookup
-            and event.sqlstate is None
-        )
+    def observe(self, event: StatementEvent) -> Sequence[Advice]:
+        info = event.parsed.info
         # An autocommit lookup with no earlier multi-row result to trace its value to can
         # prove nothing, so it costs nothing (the shape of most OLTP traffic).
-        if is_lookup and (event.transaction is not None or self._sources):
+        if (
+            info.lookups
+            and (event.transaction is not None or self._sources)
+            and info.command == "SELECT"
+            and not info.batched_lookup
+            and event.sqlstate is None
+        ):
             burst, ended = self._bursts.add(event)
             self._record(burst, event)
-        else:
+        elif event.transaction != self._bursts.transaction:
             ended = self._bursts.transaction_seen(event)
-        self._keep_source(event)
-        return self._judge(ended)
+        else:
+            ended = None
+        sampled = event.sampled
+        if sampled is not None and len(sampled) >= self.min_repeats:
+            self._keep_source(event)
+        return self._judge(ended) if ended else NO_ADVICE
 
-    def session_end(self) -> list[Advice]:
+    def session_end(self) -> Sequence[Advice]:
         return self._judge(self._bursts.close_all())
 
     # ------------------------------------------------------------------ state
 
     def _keep_source(self, event: StatementEvent) -> None:
         sample = event.result
-        if sample is None or len(sample.rows) < self.min_repeats or not sample.columns:
+        if sample is None or not sample.columns:
             return
         key = event.info.fingerprint
         self._sources.pop(key, None)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
 from proxy.statements import StatementEvent
 
 __all__ = ["SlowQuery"]
@@ -19,13 +20,17 @@ class SlowQuery(Detector):
         super().__init__(options, identity)
         self.threshold = float(self.options["threshold"])
 
-    def observe(self, event: StatementEvent) -> list[Advice]:
+    def observe(self, event: StatementEvent) -> Sequence[Advice]:
         # A cancelled statement (57014) is the timeout's business, not slow-query advice.
-        if event.duration < self.threshold or event.sqlstate == "57014" or event.reply_batched:
-            return []
+        if (
+            event.finished - event.started < self.threshold
+            or event.sqlstate == "57014"
+            or event.reply_batched
+        ):
+            return NO_ADVICE
         info = event.info
         if info.command in ("COPY", "VACUUM", "CREATE", "ALTER", "CALL", "DO"):
-            return []  # maintenance and bulk work are slow by nature
+            return NO_ADVICE  # maintenance and bulk work are slow by nature
         tables = ", ".join(info.tables) or "no table"
         return [
             self.advice(

@@ -82,22 +82,25 @@ class FrameDecoder:
             return b"", self._need
         return bytes(self._buf), 0
 
+    def resume(self, header: bytes, rest: int) -> None:
+        """Starts this decoder where another stands (its `remaining()`), mid-stream: a
+        message whose start it did not see is passed over unreported."""
+        self._buf = bytearray(header)
+        self._need = 0
+        self._skip = rest
+
     @property
     def at_boundary(self) -> bool:
         """True when the stream so far ends exactly at a message boundary."""
         return not self._buf and not self._skip
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, memoryview | None]]:
-        out: list[tuple[int, memoryview | None]] = []
+        if self._buf or self._skip:
+            out, pos = self.finish(data)
+        else:
+            out, pos = [], 0
         size = len(data)
-        pos = 0
-        if self._skip:
-            pos = min(self._skip, size)
-            self._skip -= pos
         view: memoryview | None = None  # made only when a body is handed out
-        if self._buf and pos < size:
-            view = memoryview(data)
-            pos = self._continue_partial(view, pos, out)
         interest = self.interest
         limit = self.inspect_limit
         unpack = _HEADER.unpack_from  # reads bytes faster than it reads a memoryview
@@ -128,6 +131,22 @@ class FrameDecoder:
                 self._skip = end - size
             break
         return out
+
+    def finish(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[tuple[int, memoryview | None]], int]:
+        """Completes only the message an earlier chunk left incomplete: its frame (if it is
+        reported) and where in `data` the next message starts. For readers that walk whole
+        messages themselves and need a decoder only at chunk boundaries."""
+        out: list[tuple[int, memoryview | None]] = []
+        size = len(data)
+        pos = 0
+        if self._skip:
+            pos = min(self._skip, size)
+            self._skip -= pos
+        if self._buf and pos < size:
+            pos = self._continue_partial(memoryview(data), pos, out)
+        return out, pos
 
     def _continue_partial(
         self, view: memoryview, pos: int, out: list[tuple[int, memoryview | None]]
