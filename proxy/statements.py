@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.protocol import messages as m
 from proxy.protocol.framing import (
-    MAX_MESSAGE_LENGTH,
     FrameDecoder,
     ProtocolViolation,
     interest_table,
@@ -268,6 +267,9 @@ class StatementTracker:
         self._client.resume(*client_at)
         self._server = FrameDecoder(SERVER_INTEREST, inspect_limit=_SERVER_LIMIT)
         self._server.resume(*server_at)
+        # whether a decoder holds part of a message (else chunks are walked directly)
+        self._client_split = not self._client.at_boundary
+        self._server_split = not self._server.at_boundary
 
     # ------------------------------------------------------------------ client
 
@@ -275,15 +277,17 @@ class StatementTracker:
         """Bytes the client sent, received at `now` (perf_counter seconds)."""
         pos = 0
         decoder = self._client
-        if not decoder.at_boundary:  # first the end of a message an earlier chunk began
+        if self._client_split:  # first the end of a message an earlier chunk began
             frames, pos = decoder.finish(data)
             for mtype, body in frames:
                 self._client_walk(_whole(mtype, body), 0, now)
+            self._client_split = not decoder.at_boundary
         if pos < len(data):
             pos = self._client_walk(data, pos, now)
             if pos < len(data):  # a message continues in the next chunk
                 for mtype, _ in decoder.feed(memoryview(data)[pos:]):
-                    self._client_uninspected(mtype)
+                    self._client_uninspected(mtype, now)
+                self._client_split = not decoder.at_boundary
         if len(self._queue) >= _MAX_QUEUE:
             self._reset()
 
@@ -293,7 +297,7 @@ class StatementTracker:
         size = len(data)
         while size - pos >= 5:
             mtype, length = _unpack_header(data, pos)
-            if length < 4 or length > MAX_MESSAGE_LENGTH:
+            if length < 4:  # larger than allowed: the decoder it is handed to says so
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
             if end > size:
@@ -310,14 +314,14 @@ class StatementTracker:
                 self._round_trip += 1
             elif mtype == 0x51:  # Query
                 if end - start > self._client_limit:
-                    self._client_uninspected(mtype)
+                    self._client_uninspected(mtype, now)
                     continue
                 sql = data[start : end - 1].decode("utf-8", "surrogateescape")
                 queue.append((_QUERY, _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)))
                 self._round_trip += 1
             elif mtype == 0x50:  # Parse
                 if end - start > self._client_limit:
-                    self._client_uninspected(mtype)
+                    self._client_uninspected(mtype, now)
                 else:
                     self._parse(data[start:end])
             elif mtype == 0x44:  # Describe: what it describes
@@ -332,14 +336,14 @@ class StatementTracker:
                 self._round_trip += 1
         return pos
 
-    def _client_uninspected(self, mtype: int) -> None:
+    def _client_uninspected(self, mtype: int, now: float) -> None:
         """A message too large to inspect: what it is owed is known, what it says is not."""
         queue = self._queue
         if mtype == 0x42:  # a Bind: its portal is unknown, so the unnamed one is stale
             queue.append(_OWED_BIND)
             self._portals.pop(b"", None)
         elif mtype == 0x51:
-            run = _QueryRun((_TOO_LARGE,), self._last_finish, self._round_trip)
+            run = _QueryRun((_TOO_LARGE,), now, self._round_trip)
             queue.append((_QUERY, run))
             self._round_trip += 1
         elif mtype == 0x50:
@@ -388,7 +392,9 @@ class StatementTracker:
         event = StatementEvent(
             prepared.parsed, now, now, portal.bind, prepared.param_types, self._round_trip
         )
-        if not portal.describe(event):
+        if portal.description is not None:
+            event.description = portal.description
+        elif prepared.description is None or not portal.describe(event):
             portal.awaiting = event  # libpq: Bind, Describe P, Execute in one go
         self._queue.append((_EXECUTE, event))
 
@@ -398,10 +404,11 @@ class StatementTracker:
         """Bytes sent to the client (as edited), received from the server at `now`."""
         pos = 0
         decoder = self._server
-        if not decoder.at_boundary:
+        if self._server_split:
             frames, pos = decoder.finish(data)
             for mtype, body in frames:
                 self._server_walk(_whole(mtype, body), 0, now)
+            self._server_split = not decoder.at_boundary
         size = len(data)
         if pos < size:
             pos = self._server_walk(data, pos, now)
@@ -413,6 +420,7 @@ class StatementTracker:
                         event.bytes_returned += length + 1
                 for mtype, _ in decoder.feed(memoryview(data)[pos:]):
                     self._server_uninspected(mtype, now)
+                self._server_split = not decoder.at_boundary
 
     def _server_walk(self, data: bytes, pos: int, now: float) -> int:
         """Tracks each whole message from `pos`; returns where an incomplete one starts."""
@@ -421,7 +429,7 @@ class StatementTracker:
         receiving: StatementEvent | None = None  # the statement this run of DataRows is for
         while size - pos >= 5:
             mtype, length = _unpack_header(data, pos)
-            if length < 4 or length > MAX_MESSAGE_LENGTH:
+            if length < 4:  # larger than allowed: the decoder it is handed to says so
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
             if end > size:
@@ -495,7 +503,7 @@ class StatementTracker:
             if isinstance(item, _DESCRIBED) and body is not None:
                 item.description = body
             if isinstance(item, _Portal) and item.awaiting is not None:
-                item.describe(item.awaiting)
+                item.describe(item.awaiting)  # the Execute sent with this Describe
                 item.awaiting = None
         else:
             event = self._running()
