@@ -8,7 +8,7 @@ never reaches the relay.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.framing import ProtocolViolation
 from proxy.statements import StatementEvent, StatementTracker
+from proxy.tracker import RoundTrips
 
 __all__ = ["Analysis", "Inspector"]
 
@@ -54,9 +55,23 @@ class Inspector:
         self.tracker: StatementTracker | None = StatementTracker(
             analysis.analyzer, self._statements, client_at=client_at, server_at=server_at
         )
+        self._books_lost: Callable[[Exception], None] | None = None
         self.detectors: list[Detector] = [
             DETECTORS[rule](options, identity) for rule, options in analysis.detectors.items()
         ]
+
+    def keep_books(
+        self, books: RoundTrips | None, lost: Callable[[Exception], None] | None = None
+    ) -> None:
+        """Has the tracker keep the server side of `books` (None: stop), and call `lost` if
+        it ever cannot: the session relies on it and must not go on without."""
+        if self.tracker is not None:
+            self.tracker.books = books
+        self._books_lost = lost if books is not None else None
+
+    def server_position(self) -> tuple[bytes, int]:
+        """Where the server stream stands, as `FrameDecoder.remaining()` tells it."""
+        return self.tracker.server_position() if self.tracker is not None else (b"", 0)
 
     def client(self, data: bytes, now: float) -> None:
         """What the client sent (every byte, in order), received at `now`."""
@@ -64,10 +79,8 @@ class Inspector:
         if tracker is not None:
             try:
                 tracker.client(data, now)
-            except ProtocolViolation:
-                self.tracker = None  # the relay saw it first and closes the session
-            except Exception:
-                self._tracker_failed()
+            except Exception as exc:  # the relay reads this side too, and saw it first
+                self._tracker_failed(exc)
 
     def server(self, data: bytes, now: float) -> None:
         """What the client was sent (every byte, in order, as edited), at `now`."""
@@ -75,22 +88,26 @@ class Inspector:
         if tracker is not None:
             try:
                 tracker.server(data, now)
-            except ProtocolViolation:
-                self.tracker = None
-            except Exception:
-                self._tracker_failed()
+            except Exception as exc:
+                self._tracker_failed(exc)
 
     def close(self) -> None:
         self.backlog.flush()  # this session's chunks may still be waiting
+        self.tracker = None  # whatever else is queued for it comes too late
+        self._books_lost = None
         for detector in list(self.detectors):
             try:
                 self._report(detector.session_end())
             except Exception:
                 self._detector_failed(detector)
 
-    def _tracker_failed(self) -> None:
-        log.exception("tracker_failed", action="analysis off for this session")
+    def _tracker_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, ProtocolViolation):
+            log.exception("tracker_failed", action="analysis off for this session")
         self.tracker = None
+        lost, self._books_lost = self._books_lost, None
+        if lost is not None:
+            lost(exc)
 
     def _statements(self, events: list[StatementEvent]) -> None:
         """The statements of one round trip: metrics first, then each detector in turn."""

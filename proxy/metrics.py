@@ -237,6 +237,10 @@ class Metrics:
         if event.sqlstate and event.sqlstate != "skipped":
             self.record_error(event.sqlstate)
 
+    def record_transaction(self, seconds: float) -> None:
+        self.transactions.inc()
+        self.transaction_duration.observe(seconds)
+
     def record_error(self, sqlstate: str) -> None:
         child = self._by_sqlstate.get(sqlstate)
         if child is None:

@@ -103,13 +103,15 @@ class Session(asyncio.Protocol):
         self.bytes_out = 0
         self.close_reason = ""
         self.draining = False
-        self.round_trips = RoundTrips()
+        self.round_trips = RoundTrips(self.metrics.record_transaction)
         self.inspector: Inspector | None = None
         self.guard: TimeoutGuard | None = None
         self._editor: ErrorEditor | None = None  # rewrites the error of a timed-out statement
         self._timed_out: Limit | None = None  # the limit of a statement being cancelled
         self._paused: set[str] = set()  # why reading from the client is paused
-        self._transaction_started = 0.0
+        # The server stream is read only by analysis, later: the round trips' server side
+        # is then kept by the tracker (see _keep_books_later).
+        self._deferred = False
         self._statements: MessageEditor | None = None  # applies rewrite and block rules
         self._blocked: deque[tuple[str, str]] = deque()  # (marker, rule) of blocks sent
         self._blocks_sent = 0
@@ -339,21 +341,23 @@ class Session(asyncio.Protocol):
                 data = self._editor.feed(data)
             if client is not None:
                 client.write(data)
+            inspector = self.inspector
+            if self._deferred and inspector is not None:
+                inspector.backlog.add(inspector, False, data, time.perf_counter())
+                if self.draining:
+                    self._drain_if_idle()
+                return
             try:
                 frames = self._server_frames.feed(data)
             except ProtocolViolation as exc:
                 self._protocol_violation("server", exc)
                 return
-            inspector = self.inspector
             if inspector is not None:
                 if self.guard is None:
                     inspector.backlog.add(inspector, False, data, time.perf_counter())
                 else:
                     inspector.server(data, time.perf_counter())
-            status = self.round_trips.status
             ready = self.round_trips.server(frames) if frames else False
-            if ready and self.round_trips.status != status:
-                self._transaction_status_changed(status)
             if self.guard is not None:  # every chunk: a reply may start the next statement
                 if ready:
                     self._timed_out = None  # the round trip ended: its error went through
@@ -450,18 +454,50 @@ class Session(asyncio.Protocol):
                     self._statement_timed_out,
                     self._transaction_timed_out,
                 )
+            if self.guard is None and self._statements is None:
+                self._keep_books_later()
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self._identity())
 
-    def _transaction_status_changed(self, before: bytes) -> None:
-        if before == b"I":
-            self._transaction_started = time.perf_counter()
-        elif self.round_trips.status == b"I" and self._transaction_started:
-            self.metrics.transactions.inc()
-            self.metrics.transaction_duration.observe(
-                time.perf_counter() - self._transaction_started
-            )
-            self._transaction_started = 0.0
+    # ------------------------------------------------------- deferred books
+
+    def _keep_books_later(self) -> None:
+        """Nothing needs the server stream read as it is relayed (no timeouts, no rules),
+        so it is read once, by analysis, later: the tracker keeps the server side of the
+        round trips, and whoever needs them current catches up first."""
+        assert self.inspector is not None
+        self.inspector.keep_books(self.round_trips, self._books_lost)
+        self._deferred = True
+
+    def _keep_books_now(self) -> None:
+        """Back to reading the server stream as it is relayed, from where analysis stands."""
+        if self._deferred and self.inspector is not None:
+            self.inspector.backlog.flush()
+            self._server_frames.resume(*self.inspector.server_position())
+            self.inspector.keep_books(None)
+        self._deferred = False
+
+    def _catch_up(self) -> None:
+        """Analyses whatever is queued, so the round trips' server side is current."""
+        if self._deferred and self.inspector is not None:
+            self.inspector.backlog.flush()
+
+    def _server_at_boundary(self) -> bool:
+        if self._deferred and self.inspector is not None:
+            self.inspector.backlog.flush()
+            return self.inspector.server_position() == (b"", 0)
+        return self._server_frames.at_boundary
+
+    def _books_lost(self, exc: Exception) -> None:
+        """The tracker kept this session's server side and cannot any more; where the
+        stream stands is unknown, so no error can be placed in it: the session ends."""
+        self._deferred = False
+        if isinstance(exc, ProtocolViolation):
+            self.metrics.connection_errors["protocol_violation"].inc()
+            log.warning("protocol_violation", side="server", error=str(exc), **self._identity())
+            self._close("protocol_violation")
+        else:
+            self._close("internal_error")
 
     # ---------------------------------------------------------------- timeouts
 
@@ -542,6 +578,7 @@ class Session(asyncio.Protocol):
     def _start_rules(self) -> None:
         """Applies rules from wherever the client's stream stands."""
         if self.phase is Phase.READY:
+            self._keep_books_now()  # blocks rewrite errors on their way back
             header, passing = self._client_frames.remaining()
             self._statements = MessageEditor(
                 b"QP", self._apply_rules, header_sent=header, passing=passing
@@ -621,6 +658,7 @@ class Session(asyncio.Protocol):
         self.metrics.server_connections.dec()
         if self.phase is Phase.CLOSED:
             return
+        self._catch_up()
         if self.round_trips.fatal_seen or self.round_trips.terminated:
             self._close("server_closed")
             return
@@ -645,7 +683,8 @@ class Session(asyncio.Protocol):
             self._fail("57P03", "the database system is shutting down", "draining")
 
     def _drain_if_idle(self) -> None:
-        if self.round_trips.idle:
+        self._catch_up()
+        if self.round_trips.idle and self.phase is Phase.READY:
             self._fail(
                 "57P01",
                 "terminating connection due to administrator command (pgwarden is shutting down)",
@@ -679,7 +718,7 @@ class Session(asyncio.Protocol):
         """Sends a FATAL error where the client can read one, then closes both sides."""
         if self.phase is Phase.CLOSED:
             return
-        if self.client is not None and self._server_frames.at_boundary and not self._tls_pending:
+        if self.client is not None and self._server_at_boundary() and not self._tls_pending:
             error = m.ErrorResponse.build("FATAL", sqlstate, message)
             self._write_client(error.encode())
         self._close(reason)
@@ -700,6 +739,7 @@ class Session(asyncio.Protocol):
         was_ready = self.phase is Phase.READY
         self.phase = Phase.CLOSED
         self.close_reason = reason
+        self._catch_up()  # the round trips below must be current
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

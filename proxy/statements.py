@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
+from proxy.logs import get_logger
 from proxy.protocol import messages as m
 from proxy.protocol.framing import (
     FrameDecoder,
     ProtocolViolation,
     interest_table,
 )
+from proxy.tracker import RoundTrips
 
 __all__ = [
     "CLIENT_INTEREST",
@@ -51,6 +53,8 @@ _SAMPLE_ROWS = 1000
 _SAMPLE_BYTES = 256 * 1024
 _MAX_PARAM_BYTES = 8192  # larger Bind messages keep no parameter values
 _STATUS = {0x49: b"I", 0x54: b"T", 0x45: b"E"}
+
+log = get_logger("pgwarden.statements")
 
 # What the server owes, in order: (kind, item) pairs in the queue.
 _BIND = "bind"
@@ -261,6 +265,9 @@ class StatementTracker:
         self._done: list[StatementEvent] = []
         self._last_finish = 0.0
         self.desynchronized = 0  # times a reply did not match what was owed
+        self.failures = 0  # messages that raised while being tracked
+        # The server side of the session's round trips, when nobody else reads that stream
+        self.books: RoundTrips | None = None
         # UTF-8 takes up to 4 bytes a character
         self._client_limit = analyzer.max_statement_length * 4
         self._client = FrameDecoder(CLIENT_INTEREST, inspect_limit=self._client_limit)
@@ -304,36 +311,41 @@ class StatementTracker:
                 break
             start = pos + 5
             pos = end
-            if mtype == 0x42:  # Bind
-                queue.append(_OWED_BIND)
-                self._bind(data, start, end)
-            elif mtype == 0x45:  # Execute
-                self._execute(data, start, end, now)
-            elif mtype == 0x53:  # Sync
-                queue.append((_SYNC, self._round_trip))
-                self._round_trip += 1
-            elif mtype == 0x51:  # Query
-                if end - start > self._client_limit:
-                    self._client_uninspected(mtype, now)
-                    continue
-                sql = data[start : end - 1].decode("utf-8", "surrogateescape")
-                queue.append((_QUERY, _QueryRun(self.analyzer.analyze(sql), now, self._round_trip)))
-                self._round_trip += 1
-            elif mtype == 0x50:  # Parse
-                if end - start > self._client_limit:
-                    self._client_uninspected(mtype, now)
-                else:
-                    self._parse(data[start:end])
-            elif mtype == 0x44:  # Describe: what it describes
-                names = self._portals if data[start] == 0x50 else self._prepared
-                queue.append((_DESCRIBE, names.get(data[start + 1 : end - 1])))
-            elif mtype == 0x43:  # Close
-                names = self._portals if data[start] == 0x50 else self._prepared
-                names.pop(data[start + 1 : end - 1], None)  # type: ignore[arg-type]
-                queue.append(_OWED_CLOSE)
-            elif mtype == 0x46:  # FunctionCall
-                queue.append((_FUNCTION, self._round_trip))
-                self._round_trip += 1
+            try:
+                if mtype == 0x42:  # Bind
+                    queue.append(_OWED_BIND)
+                    self._bind(data, start, end)
+                elif mtype == 0x45:  # Execute
+                    self._execute(data, start, end, now)
+                elif mtype == 0x53:  # Sync
+                    queue.append((_SYNC, self._round_trip))
+                    self._round_trip += 1
+                elif mtype == 0x51:  # Query
+                    if end - start > self._client_limit:
+                        self._client_uninspected(mtype, now)
+                        continue
+                    sql = data[start : end - 1].decode("utf-8", "surrogateescape")
+                    queue.append(
+                        (_QUERY, _QueryRun(self.analyzer.analyze(sql), now, self._round_trip))
+                    )
+                    self._round_trip += 1
+                elif mtype == 0x50:  # Parse
+                    if end - start > self._client_limit:
+                        self._client_uninspected(mtype, now)
+                    else:
+                        self._parse(data[start:end])
+                elif mtype == 0x44:  # Describe: what it describes
+                    names = self._portals if data[start] == 0x50 else self._prepared
+                    queue.append((_DESCRIBE, names.get(data[start + 1 : end - 1])))
+                elif mtype == 0x43:  # Close
+                    names = self._portals if data[start] == 0x50 else self._prepared
+                    names.pop(data[start + 1 : end - 1], None)  # type: ignore[arg-type]
+                    queue.append(_OWED_CLOSE)
+                elif mtype == 0x46:  # FunctionCall
+                    queue.append((_FUNCTION, self._round_trip))
+                    self._round_trip += 1
+            except Exception:  # what one message says must not stop the reading
+                self._failed(mtype)
         return pos
 
     def _client_uninspected(self, mtype: int, now: float) -> None:
@@ -452,37 +464,49 @@ class StatementTracker:
                         event.sample_size += length - 4
                 continue
             receiving = None
-            if not queue:
-                continue
-            if mtype == 0x43:  # CommandComplete
-                kind, event = queue[0]
-                if kind is _EXECUTE:  # the extended protocol's common case, inline
-                    queue.popleft()
-                    if event is not None:
-                        self._finish(event, now)  # type: ignore[arg-type]
-                        event.tag = data[start:end]  # type: ignore[attr-defined]
-                else:
-                    self._complete(now, data[start:end])
-            elif mtype == 0x5A:  # ReadyForQuery
-                self._ready(data[start] if end > start else 0x49)
-            elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
-                # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
-                if queue[0][0] in _ANSWERED_BY_ACK:
-                    queue.popleft()
-                else:
-                    self.desynchronized += 1
-            elif mtype == 0x54:  # RowDescription
-                self._row_description(data[start:end] if length - 4 <= _SERVER_LIMIT else None)
-            elif mtype == 0x49 or mtype == 0x73:  # EmptyQueryResponse, PortalSuspended
-                self._complete(now, None, suspended=mtype == 0x73)
-            elif mtype == 0x74:  # ParameterDescription
-                kind, item = queue[0]
-                if kind is _DESCRIBE and isinstance(item, _Prepared):
-                    item.param_types = m.ParameterDescription.decode(data[start:end]).type_oids
-            elif mtype == 0x45:  # ErrorResponse
-                self._error(now, m.ErrorResponse.decode(data[start:end]).sqlstate)
-            elif mtype == 0x47 or mtype == 0x48 or mtype == 0x57:  # COPY begins
-                self._running()
+            try:
+                if mtype == 0x5A:  # ReadyForQuery: the round trip's end, tracked or not
+                    status = _STATUS.get(data[start]) or data[start:end] if end > start else b"I"
+                    if self.books is not None:
+                        self.books.ready(status, now)
+                    self._ready(status)
+                    continue
+                if mtype == 0x45:  # ErrorResponse
+                    error = m.ErrorResponse.decode(data[start:end])
+                    if self.books is not None and error.severity in ("FATAL", "PANIC"):
+                        self.books.fatal_seen = True
+                    if queue:
+                        self._error(now, error.sqlstate)
+                    continue
+                if not queue:
+                    continue
+                if mtype == 0x43:  # CommandComplete
+                    kind, event = queue[0]
+                    if kind is _EXECUTE:  # the extended protocol's common case, inline
+                        queue.popleft()
+                        if event is not None:
+                            self._finish(event, now)  # type: ignore[arg-type]
+                            event.tag = data[start:end]  # type: ignore[attr-defined]
+                    else:
+                        self._complete(now, data[start:end])
+                elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
+                    # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
+                    if queue[0][0] in _ANSWERED_BY_ACK:
+                        queue.popleft()
+                    else:
+                        self.desynchronized += 1
+                elif mtype == 0x54:  # RowDescription
+                    self._row_description(data[start:end] if length - 4 <= _SERVER_LIMIT else None)
+                elif mtype == 0x49 or mtype == 0x73:  # EmptyQueryResponse, PortalSuspended
+                    self._complete(now, None, suspended=mtype == 0x73)
+                elif mtype == 0x74:  # ParameterDescription
+                    kind, item = queue[0]
+                    if kind is _DESCRIBE and isinstance(item, _Prepared):
+                        item.param_types = m.ParameterDescription.decode(data[start:end]).type_oids
+                elif mtype == 0x47 or mtype == 0x48 or mtype == 0x57:  # COPY begins
+                    self._running()
+            except Exception:  # what one message says must not stop the reading
+                self._failed(mtype)
         return pos
 
     def _server_uninspected(self, mtype: int, now: float) -> None:
@@ -509,6 +533,10 @@ class StatementTracker:
             event = self._running()
             if event is not None and body is not None:
                 event.description = body
+
+    def server_position(self) -> tuple[bytes, int]:
+        """Where the server stream stands after what was fed, as `remaining()` tells it."""
+        return self._server.remaining()
 
     def current(self) -> Running | None:
         """The statement the server is executing now, since when, and (for a Query) the
@@ -607,8 +635,7 @@ class StatementTracker:
                 self._finish(item, now)
                 sqlstate = "skipped"
 
-    def _ready(self, status_byte: int) -> None:
-        status = _STATUS.get(status_byte) or bytes((status_byte,))
+    def _ready(self, status: bytes) -> None:
         queue = self._queue
         while queue:
             if queue.popleft()[0] in _ENDS_ROUND_TRIP:
@@ -646,6 +673,14 @@ class StatementTracker:
             event.round_trip_statements = counts[event.round_trip]
             event.transaction = transaction
         self.emit(done)
+
+    def _failed(self, mtype: int) -> None:
+        """A message could not be handled (a bug, or bytes no server sends): attribution
+        starts afresh at the next round trip; the reading goes on."""
+        if not self.failures:
+            log.exception("tracker_failed", message_type=chr(mtype), action="attribution reset")
+        self.failures += 1
+        self._reset()
 
     def _reset(self) -> None:
         """Forget what is owed; attribution resumes cleanly at the next round trip."""

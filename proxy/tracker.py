@@ -2,11 +2,16 @@
 
 A round trip opens with a Query, Sync or FunctionCall and closes with the ReadyForQuery
 it earns; extended-protocol messages sent without a Sync yet also count as work in
-flight. Drain, client-disconnect cancellation and (later) statement attribution all rest
-on this bookkeeping.
+flight. Drain, client-disconnect cancellation and transaction metrics rest on this
+bookkeeping. The client side is always read as it is relayed; the server side either
+too, or (when analysis reads the server stream anyway) by the StatementTracker, later,
+through `ready()` and `fatal()`.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from proxy.protocol.framing import interest_table
 from proxy.protocol.messages import ErrorResponse
@@ -21,14 +26,24 @@ SERVER_INTEREST = interest_table(body=b"ZE")
 
 
 class RoundTrips:
-    __slots__ = ("awaiting", "fatal_seen", "status", "terminated", "unsynced")
+    __slots__ = (
+        "awaiting",
+        "fatal_seen",
+        "on_transaction_end",
+        "status",
+        "terminated",
+        "transaction_started",
+        "unsynced",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, on_transaction_end: Callable[[float], None] | None = None) -> None:
         self.awaiting = 0  # ReadyForQuery messages the server still owes
         self.unsynced = False  # extended-protocol messages sent since the last Sync
         self.status = b"I"  # transaction status from the last ReadyForQuery
         self.terminated = False  # the client sent Terminate
         self.fatal_seen = False  # the server sent a FATAL or PANIC error
+        self.transaction_started = 0.0  # when the open transaction began (perf_counter)
+        self.on_transaction_end = on_transaction_end  # told each transaction's duration
 
     def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
         for mtype, _ in frames:
@@ -46,13 +61,26 @@ class RoundTrips:
         ready = False
         for mtype, body in frames:
             if mtype == 0x5A and body is not None:  # ReadyForQuery
-                self.status = bytes(body[:1])
-                if self.awaiting:
-                    self.awaiting -= 1
+                self.ready(bytes(body[:1]), 0.0)
                 ready = True
             elif mtype == 0x45 and body is not None and _is_fatal(body):
                 self.fatal_seen = True
         return ready
+
+    def ready(self, status: bytes, now: float) -> None:
+        """A ReadyForQuery with `status` arrived at `now` (0: just now)."""
+        before = self.status
+        self.status = status
+        if self.awaiting:
+            self.awaiting -= 1
+        if status != before:
+            if before == b"I":
+                self.transaction_started = now or time.perf_counter()
+            elif status == b"I" and self.transaction_started:
+                if self.on_transaction_end is not None:
+                    duration = (now or time.perf_counter()) - self.transaction_started
+                    self.on_transaction_end(duration)
+                self.transaction_started = 0.0
 
     @property
     def idle(self) -> bool:
