@@ -2,7 +2,7 @@
 
 Analysing each chunk the moment it is relayed runs the tracker, metrics and detectors
 with cold CPU caches, squeezed between PostgreSQL's and the client's turns on the same
-cores: measured under pgbench, that costs about four times what the same code costs in a
+cores: measured under pgbench, that costs 1.5 to 4 times what the same code costs in a
 tight loop. Queued (a reference to the chunk, no copy) and run in batches, the same work
 stays warm. A batch runs once `max_chunks` chunks or `max_bytes` bytes are waiting, or
 `delay` seconds after the first one arrived, so advice and metrics lag by at most that;

@@ -3,7 +3,8 @@
 It reads the session's byte streams after they are on their way, framing them itself, so
 it can run later, from the Backlog, on chunks the relay forwarded long ago.
 Whatever goes wrong in here is logged and switches that part off for this session; it
-never reaches the relay.
+never reaches the relay, except where the session relies on the tracker for the server
+side of its round trips (`keep_books`): then the session is told, and ends.
 """
 
 from __future__ import annotations

@@ -483,8 +483,9 @@ class Session(asyncio.Protocol):
             self.inspector.backlog.flush()
 
     def _server_at_boundary(self) -> bool:
+        """Whether what the client was sent so far ends with a whole message."""
         if self._deferred and self.inspector is not None:
-            self.inspector.backlog.flush()
+            self._catch_up()
             return self.inspector.server_position() == (b"", 0)
         return self._server_frames.at_boundary
 

@@ -441,16 +441,6 @@ def test_connection_events_name_the_client(proxy: ProxyProcess) -> None:
     assert closed["bytes_out"] > 5000
 
 
-def _sample(proxy: ProxyProcess, name: str) -> float:
-    status, body = proxy.http_get("/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    return 0.0
-
-
 @pytest.mark.parametrize("analysis", [True, False], ids=["analysis-on", "relay-only"])
 def test_transactions_are_counted_and_timed(proxy_factory: StartProxy, analysis: bool) -> None:
     """Whether the server stream is read as relayed (relay only) or later by analysis, the
@@ -464,9 +454,9 @@ def test_transactions_are_counted_and_timed(proxy_factory: StartProxy, analysis:
         conn.rollback()
         conn.autocommit = True
         conn.execute("SELECT 1")  # no transaction block: not counted
-    assert _sample(proxy, "pgwarden_transactions_total") == 4
-    assert _sample(proxy, "pgwarden_transaction_duration_seconds_count") == 4
-    assert _sample(proxy, "pgwarden_transaction_duration_seconds_sum") >= 0.15
+    assert _gauge(proxy, "pgwarden_transactions_total") == 4
+    assert _gauge(proxy, "pgwarden_transaction_duration_seconds_count") == 4
+    assert _gauge(proxy, "pgwarden_transaction_duration_seconds_sum") >= 0.15
     # and drain sees the session idle: SIGTERM ends the process at once
     with psycopg.connect(proxy.dsn(), autocommit=True) as idle:
         idle.execute("SELECT 1")
