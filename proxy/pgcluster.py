@@ -29,6 +29,7 @@ __all__ = [
     "find_bindir",
     "free_port",
     "make_dsn",
+    "tcp_dsn",
 ]
 
 OWNER = "postgres"
@@ -106,6 +107,19 @@ def make_dsn(**params: object) -> str:
     return " ".join(
         f"{key}={_quote(str(value))}" for key, value in params.items() if value is not None
     )
+
+
+def tcp_dsn(
+    address: tuple[str, int],
+    user: str = "postgres",
+    dbname: str = "postgres",
+    password: str | None = None,
+    **extra: str,
+) -> str:
+    """A connection string for the server at (host, port); `extra` adds or overrides
+    keywords, host and port included."""
+    params = {"host": address[0], "port": address[1], "user": user, "dbname": dbname}
+    return make_dsn(**(params | {"password": password} | extra))
 
 
 def _quote(value: str) -> str:
@@ -212,8 +226,7 @@ class LocalCluster:
         **extra: str,
     ) -> str:
         """A libpq connection string for TCP on 127.0.0.1; `extra` may override host too."""
-        params = {"host": self.host, "port": self.port, "user": user, "dbname": dbname}
-        return make_dsn(**(params | {"password": password} | extra))
+        return tcp_dsn((self.host, self.port), user, dbname, password, **extra)
 
     def run_as_owner(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL binary as the cluster owner, from a directory it can enter

@@ -22,7 +22,7 @@ from typing import Any, overload
 import yaml
 
 from proxy.config import deep_merge
-from proxy.pgcluster import free_port, make_dsn
+from proxy.pgcluster import free_port, tcp_dsn
 from tests.support.util import PgServer, wait_until
 
 __all__ = [
@@ -84,8 +84,7 @@ class ProxyProcess:
         **extra: str,
     ) -> str:
         """A libpq connection string to the proxy; `extra` adds or overrides keywords."""
-        params = {"host": self.host, "port": self.port, "user": user, "dbname": dbname}
-        return make_dsn(**(params | {"password": password} | extra))
+        return tcp_dsn((self.host, self.port), user, dbname, password, **extra)
 
     def log_text(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
