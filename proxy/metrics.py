@@ -226,9 +226,7 @@ class Metrics:
                 stats = _CommandStats()
                 self._statements[label] = stats
             self._statements[command] = stats
-        duration = event.finished - event.started
-        if duration < 0.0:
-            duration = 0.0
+        duration = event.duration
         stats.count += 1
         stats.total += duration
         stats.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1

@@ -404,9 +404,7 @@ class StatementTracker:
         event = StatementEvent(
             prepared.parsed, now, now, portal.bind, prepared.param_types, self._round_trip
         )
-        if portal.description is not None:
-            event.description = portal.description
-        elif prepared.description is None or not portal.describe(event):
+        if not portal.describe(event):
             portal.awaiting = event  # libpq: Bind, Describe P, Execute in one go
         self._queue.append((_EXECUTE, event))
 

@@ -14,6 +14,7 @@ import pytest
 from proxy.analysis.analyzer import Analyzer
 from proxy.protocol import messages as m
 from proxy.statements import StatementEvent, StatementTracker
+from proxy.tracker import RoundTrips
 
 INT4 = 23
 TEXT = 25
@@ -653,3 +654,33 @@ def test_query_in_another_client_encoding() -> None:
     p.client(m.Query("SELECT 1"))
     p.server(m.CommandComplete("SELECT 1"), ready())
     assert [e.info.error is not None for e in p.events] == [True, False]
+
+
+def test_a_message_that_cannot_be_read_resets_attribution_not_tracking() -> None:
+    """A reply that fails to decode costs its round trip's attribution, nothing after it."""
+    p = Playbook()
+    p.client(m.Query("SELECT 1"))
+    p.tracker.server(b"E" + struct.pack("!I", 10) + b"SERROR", p._clock())  # no terminators
+    p.server(ready())
+    assert p.tracker.failures == 1
+    p.client(m.Query("SELECT 2"))
+    p.server(columns(("n", INT4, 0)), row(b"2"), m.CommandComplete("SELECT 1"), ready())
+    assert [e.rows for e in p.events] == [1]
+
+
+def test_books_kept_for_the_session() -> None:
+    """Given the session's round trips, the tracker keeps their server side: statuses,
+    transactions ended (and timed), a FATAL error seen."""
+    ended: list[float] = []
+    books = RoundTrips(ended.append)
+    p = Playbook()
+    p.tracker.books = books
+    books.awaiting = 3  # three round trips sent, as the relay counts them
+    p.client(m.Query("BEGIN"), m.Query("SELECT 1"), m.Query("COMMIT"))
+    p.server(m.CommandComplete("BEGIN"), ready(b"T"))
+    assert books.status == b"T" and books.awaiting == 2
+    p.server(m.CommandComplete("SELECT 1"), ready(b"T"), m.CommandComplete("COMMIT"), ready())
+    assert books.status == b"I" and books.awaiting == 0 and books.idle
+    assert len(ended) == 1 and ended[0] > 0
+    p.server(m.ErrorResponse.build("FATAL", "57P01", "terminating connection"))
+    assert books.fatal_seen

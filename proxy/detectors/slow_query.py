@@ -22,11 +22,7 @@ class SlowQuery(Detector):
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         # A cancelled statement (57014) is the timeout's business, not slow-query advice.
-        if (
-            event.finished - event.started < self.threshold
-            or event.sqlstate == "57014"
-            or event.reply_batched
-        ):
+        if event.duration < self.threshold or event.sqlstate == "57014" or event.reply_batched:
             return NO_ADVICE
         info = event.info
         if info.command in ("COPY", "VACUUM", "CREATE", "ALTER", "CALL", "DO"):
