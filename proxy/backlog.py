@@ -12,12 +12,17 @@ whoever reads them (/metrics, /advice, /fingerprints, a session's end) flushes f
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from proxy.inspector import Inspector
+__all__ = ["Backlog", "Reader"]
 
-__all__ = ["Backlog"]
+
+class Reader(Protocol):
+    """Whoever analyses a session's chunks: its Inspector."""
+
+    def client(self, data: bytes, now: float) -> None: ...
+
+    def server(self, data: bytes, now: float) -> None: ...
 
 
 class Backlog:
@@ -27,14 +32,14 @@ class Backlog:
         self.max_chunks = max_chunks
         self.max_bytes = max_bytes
         self.delay = delay
-        self._items: list[tuple[Inspector, bool, bytes, float]] = []
+        self._items: list[tuple[Reader, bool, bytes, float]] = []
         self._bytes = 0
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, inspector: Inspector, from_client: bool, data: bytes, now: float) -> None:
+    def add(self, inspector: Reader, from_client: bool, data: bytes, now: float) -> None:
         """Queues `data` (received at `now`) for `inspector`; it must not change later."""
         items = self._items
         items.append((inspector, from_client, data, now))

@@ -301,7 +301,8 @@ def _convert(annotation: Any, value: Any, meta: typing.Mapping[str, Any], key: s
         return tuple(
             _convert(item_type, item, {}, f"{key}[{index}]") for index, item in enumerate(value)
         )
-    if dataclasses.is_dataclass(annotation) and annotation is not Address:
+    section = isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
+    if section and annotation is not Address:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(annotation, value, key)

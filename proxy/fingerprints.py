@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 __all__ = ["FingerprintStats"]
 
@@ -33,7 +32,11 @@ class _Entry:
         self.labelled_time = 0.0
 
 
-class FingerprintStats(Collector):
+class FingerprintStats:
+    """A Prometheus collector by duck typing (`collect` and `describe` are all a registry
+    calls), as are those in proxy.metrics: mypyc cannot compile a subclass of
+    prometheus_client's Collector, which it only knows as an opaque library class."""
+
     def __init__(self, max_series: int = 200, *, max_tracked: int | None = None) -> None:
         self.max_series = max_series
         self.max_tracked = max_tracked or max(1000, 10 * max_series)

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy import __version__
+from proxy import __version__, native
 from proxy.fingerprints import FingerprintStats
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         Info("pgwarden_build", "pgwarden build information", registry=r).info(
-            {"version": __version__}
+            {"version": __version__, "analysis_code": native.MODE.split(" ", 1)[0]}
         )
         self.client_connections = Gauge(
             "pgwarden_client_connections", "Client connections currently open", registry=r
@@ -273,7 +272,7 @@ class _CommandStats:
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
 
 
-class _StatementCollector(Collector):
+class _StatementCollector:
     """pgwarden_queries_total and pgwarden_query_duration_seconds, by command."""
 
     def __init__(self, stats: dict[str, _CommandStats]) -> None:
@@ -306,7 +305,7 @@ class _StatementCollector(Collector):
         return iter(())
 
 
-class _BytesCollector(Collector):
+class _BytesCollector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
@@ -323,7 +322,7 @@ class _BytesCollector(Collector):
         return iter(())
 
 
-class _AnalyzerCollector(Collector):
+class _AnalyzerCollector:
     def __init__(self, analyzer: Analyzer) -> None:
         self.analyzer = analyzer
 

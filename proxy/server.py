@@ -9,7 +9,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from proxy import upstream
+from proxy import native, upstream
 from proxy.admin import AdminServer, json_response
 from proxy.advice import AdviceSink
 from proxy.analysis.analyzer import Analyzer
@@ -86,6 +86,7 @@ class ProxyServer:
             admin=str(self.settings.admin.listen),
             tls=self.server_tls is not None,
             config=self.settings.source,
+            analysis_code=native.MODE,
         )
 
     def install_signal_handlers(self) -> None:

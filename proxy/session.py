@@ -610,14 +610,15 @@ class Session(asyncio.Protocol):
         block = next((d for _, d in decisions if d.kind == "block"), None)
         if block is not None:
             self._blocks_sent += 1
-            new_sql: str | None = f"{BLOCK_MARKER}_{self._blocks_sent}"
+            new_sql = f"{BLOCK_MARKER}_{self._blocks_sent}"
             self._blocked.append((new_sql, block.rule))
             self._edit_errors()
         else:
-            new_sql = rewrite_statements(sql, [(i, d.replace) for i, d in decisions])
-            if new_sql is None:
+            rewritten = rewrite_statements(sql, [(i, d.replace) for i, d in decisions])
+            if rewritten is None:
                 log.warning("rewrite_skipped", reason="literals could not be carried over")
                 return raw
+            new_sql = rewritten
         if isinstance(message, m.Query):
             return m.Query(new_sql).encode()
         return m.Parse(message.name, new_sql, message.param_types).encode()

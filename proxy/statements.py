@@ -18,6 +18,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import cast
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.logs import get_logger
@@ -479,12 +480,13 @@ class StatementTracker:
                 if not queue:
                     continue
                 if mtype == 0x43:  # CommandComplete
-                    kind, event = queue[0]
+                    kind, item = queue[0]
                     if kind is _EXECUTE:  # the extended protocol's common case, inline
                         queue.popleft()
-                        if event is not None:
-                            self._finish(event, now)  # type: ignore[arg-type]
-                            event.tag = data[start:end]  # type: ignore[attr-defined]
+                        if item is not None:
+                            done = cast(StatementEvent, item)
+                            self._finish(done, now)
+                            done.tag = data[start:end]
                     else:
                         self._complete(now, data[start:end])
                 elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
@@ -582,9 +584,10 @@ class StatementTracker:
     def _complete(self, now: float, tag: bytes | None, *, suspended: bool = False) -> None:
         queue = self._queue
         kind, item = queue[0]
+        event: StatementEvent | None
         if kind is _EXECUTE:
             queue.popleft()
-            event = item
+            event = cast("StatementEvent | None", item)
         elif kind is _QUERY:
             event = self._running()
             run: _QueryRun = item  # type: ignore[assignment]
@@ -595,10 +598,10 @@ class StatementTracker:
             return
         if event is None:
             return
-        self._finish(event, now)  # type: ignore[arg-type]
-        event.tag = tag  # type: ignore[union-attr]
+        self._finish(event, now)
+        event.tag = tag
         if suspended:
-            event.portal_suspended = True  # type: ignore[union-attr]
+            event.portal_suspended = True
 
     def _finish(self, event: StatementEvent, now: float) -> None:
         # Replies come in order, so a pipelined statement starts when the one before ends.

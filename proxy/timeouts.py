@@ -139,12 +139,12 @@ class TimeoutGuard:
         best: tuple[float, StatementInfo, float, Limit] | None = None
         budget = current.started
         for index, info in enumerate((event.info, *current.later)):
-            limit = statement if index == 0 else self.policy.limits(info, self.identity)[0]
-            if limit is None:
+            own = statement if index == 0 else self.policy.limits(info, self.identity)[0]
+            if own is None:
                 continue
-            deadline = budget + limit.seconds
+            deadline = budget + own.seconds
             if best is None or deadline < best[0]:
-                best = (deadline, info, budget, limit)
+                best = (deadline, info, budget, own)
             budget = deadline
         if best is not None:
             deadline, info, started, limit = best

@@ -61,7 +61,11 @@ def _params(sql: str) -> set[int]:
 def check_rules(rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
     """Raises ValueError naming the rule when one cannot work as written (names are
     checked with every other kind of rule, in proxy.config)."""
-    for section, rules in (("rewrites", rewrites), ("blocks", blocks)):
+    sections: tuple[tuple[str, tuple[RewriteRule | BlockRule, ...]], ...] = (
+        ("rewrites", rewrites),
+        ("blocks", blocks),
+    )
+    for section, rules in sections:
         for index, rule in enumerate(rules):
             key = f"{section}[{index}]"
             match = rule.match

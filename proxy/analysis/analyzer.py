@@ -180,21 +180,28 @@ def extract_literals(original: str, normalized: str) -> tuple[str, ...] | None:
     return tuple(literals)
 
 
-class _LRU(OrderedDict[str, Any]):
+class _LRU:
+    """Holds an OrderedDict rather than being one: mypyc cannot compile that subclass."""
+
     def __init__(self, size: int) -> None:
-        super().__init__()
         self.size = size
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get_hit(self, key: str) -> Any:
-        value = self.get(key)
+        items = self._items
+        value = items.get(key)
         if value is not None:
-            self.move_to_end(key)
+            items.move_to_end(key)
         return value
 
     def put(self, key: str, value: Any) -> None:
-        self[key] = value
-        if len(self) > self.size:
-            self.popitem(last=False)
+        items = self._items
+        items[key] = value
+        if len(items) > self.size:
+            items.popitem(last=False)
 
 
 class Analyzer:
@@ -228,7 +235,7 @@ class Analyzer:
             error = str(exc) if isinstance(exc, parser.ParseError) else "not UTF-8 text"
             self.unparsed += 1
             self.misses += 1
-            result = (Parsed(_unparsable(sql, error)),)
+            result: tuple[Parsed, ...] = (Parsed(_unparsable(sql, error)),)
             self._by_text.put(sql, result)
             return result
         infos = self._by_normalized.get_hit(normalized)
@@ -334,7 +341,8 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     elif kind in ("UpdateStmt", "DeleteStmt"):
         facts = {"has_where": "whereClause" in node}
         facts["lookups"] = _lookups(node.get("whereClause"), tables)
-    if any(lookup.table not in (None, *tables) for lookup in facts.get("lookups", ())):
+    lookups = facts.get("lookups", ())
+    if any(x.table is not None and x.table not in tables for x in lookups):
         aliases = _aliases(stmt)  # `o.id = $1` with `orders o` in a join: the table is orders
         facts["lookups"] = tuple(
             replace(lookup, table=aliases.get(lookup.table, lookup.table))

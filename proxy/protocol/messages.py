@@ -60,7 +60,7 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 
 
-def frame(mtype: bytes, payload: bytes = b"") -> bytes:
+def frame(mtype: bytes, payload: bytes | memoryview = b"") -> bytes:
     """A complete message: type byte, length (self-inclusive), payload."""
     return mtype + _I32.pack(len(payload) + 4) + payload
 

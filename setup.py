@@ -1,0 +1,53 @@
+"""Compiles the analysis modules with mypyc, when it can; pgwarden runs the same without.
+
+Analysis runs on every statement in the proxy's one thread, so its per-statement cost is
+taken from the application's throughput. mypyc compiles these type-annotated modules
+unchanged into C extensions that do the same work in about half the time (measured on
+pgbench traffic, see README "Speed"). Everything else stays interpreted, the relay path
+included, so a compiled module can never be what stands between a client and its server.
+
+Set PGWARDEN_COMPILE=0 to skip compiling. A machine without a C compiler gets a warning
+and the pure-Python package (the extensions are optional).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+# The analysis path, one compilation group: calls between these modules stay native.
+COMPILED = [
+    "proxy/advice.py",
+    "proxy/analysis/analyzer.py",
+    "proxy/backlog.py",
+    "proxy/detectors/__init__.py",
+    "proxy/detectors/base.py",
+    "proxy/detectors/bursts.py",
+    "proxy/detectors/insert_loop.py",
+    "proxy/detectors/n_plus_one.py",
+    "proxy/detectors/slow_query.py",
+    "proxy/detectors/values.py",
+    "proxy/fingerprints.py",
+    "proxy/inspector.py",
+    "proxy/metrics.py",
+    "proxy/statements.py",
+]
+
+
+def extensions() -> list:
+    if os.environ.get("PGWARDEN_COMPILE", "1") == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("pgwarden: mypyc not found, installing pure Python", file=sys.stderr)
+        return []
+    modules = mypycify(COMPILED, opt_level="3", debug_level="0", group_name="pgwarden_native")
+    for module in modules:
+        module.optional = True  # no compiler: the pure-Python modules are used instead
+    return modules
+
+
+setup(ext_modules=extensions())
