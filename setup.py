@@ -12,8 +12,11 @@ and the pure-Python package (the extensions are optional).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
@@ -36,6 +39,14 @@ COMPILED = [
 ]
 
 
+def record_sources() -> None:
+    """proxy/native.json: the sources this build compiles, by digest. proxy/native.py loads
+    the compiled modules only while every source still matches (file times cannot tell:
+    a wheel's install gives them all the same)."""
+    digests = {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in COMPILED}
+    Path("proxy/native.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+
+
 def extensions() -> list:
     if os.environ.get("PGWARDEN_COMPILE", "1") == "0":
         return []
@@ -44,6 +55,7 @@ def extensions() -> list:
     except ImportError:
         print("pgwarden: mypyc not found, installing pure Python", file=sys.stderr)
         return []
+    record_sources()
     modules = mypycify(COMPILED, opt_level="3", debug_level="0", group_name="pgwarden_native")
     for module in modules:
         module.optional = True  # no compiler: the pure-Python modules are used instead

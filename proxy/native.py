@@ -1,15 +1,18 @@
 """Whether the analysis modules run compiled (mypyc, see setup.py), and the way back to source.
 
 Compiled modules sit beside their sources and Python prefers them, so a source edited after
-the last build would silently not run. Then, and whenever PGWARDEN_PURE=1 is set, every
-module of the package is imported from its source instead: all or none, because compiled
-modules call each other directly and cannot mix with a newer source of one of them.
+the last build would silently not run. The build records each compiled source's digest
+(native.json); unless every source still matches, and whenever PGWARDEN_PURE=1 is set,
+every module of the package is imported from its source instead. All or none, because
+compiled modules call each other directly and cannot mix with a newer source of one of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.machinery
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -17,30 +20,35 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MODE", "compiled_modules", "stale_sources"]
+__all__ = ["EXTENSION_SUFFIX", "MODE", "changed_sources", "compiled_modules"]
 
 PACKAGE = Path(__file__).resolve().parent
-_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # e.g. .cpython-311-x86_64-linux-gnu.so
+EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # .cpython-311-x86_64-linux-gnu.so
 
 
-def compiled_modules(package: Path = PACKAGE) -> dict[Path, Path]:
-    """Each compiled module under `package` with the source it was built from."""
-    found = {}
-    for ext in package.rglob(f"*{_SUFFIX}"):
-        source = ext.with_name(ext.name[: -len(_SUFFIX)] + ".py")
+def compiled_modules(package: Path = PACKAGE) -> list[Path]:
+    """The sources under `package` that have a compiled module beside them."""
+    found = []
+    for ext in package.rglob(f"*{EXTENSION_SUFFIX}"):
+        source = ext.with_name(ext.name[: -len(EXTENSION_SUFFIX)] + ".py")
         if source.exists():
-            found[ext] = source
-    return found
+            found.append(source)
+    return sorted(found)
 
 
-def stale_sources(compiled: dict[Path, Path]) -> list[str]:
-    """Sources changed since they were compiled, relative to the package."""
-    root = PACKAGE.parent
-    return sorted(
-        str(source.relative_to(root)) if source.is_relative_to(root) else str(source)
-        for ext, source in compiled.items()
-        if source.stat().st_mtime > ext.stat().st_mtime
-    )
+def changed_sources(package: Path = PACKAGE) -> list[str]:
+    """Compiled sources that differ from what the build recorded (all, with no record)."""
+    root = package.parent
+    compiled = [str(source.relative_to(root)) for source in compiled_modules(package)]
+    try:
+        recorded = json.loads((package / "native.json").read_text())
+    except (OSError, ValueError):
+        return compiled
+    return [
+        name
+        for name in compiled
+        if recorded.get(name) != hashlib.sha256((root / name).read_bytes()).hexdigest()
+    ]
 
 
 class _SourcesOnly(importlib.abc.MetaPathFinder):
@@ -60,18 +68,15 @@ class _SourcesOnly(importlib.abc.MetaPathFinder):
 
 
 def _choose() -> str:
-    compiled = compiled_modules()
-    if not compiled:
+    if not compiled_modules():
         return "interpreted"
-    reason = ""
     if os.environ.get("PGWARDEN_PURE") == "1":
         reason = "PGWARDEN_PURE=1"
     else:
-        stale = stale_sources(compiled)
-        if stale:
-            reason = f"changed since compiled: {', '.join(stale)}; `make` rebuilds"
-    if not reason:
-        return "compiled"
+        changed = changed_sources()
+        if not changed:
+            return "compiled"
+        reason = f"changed since compiled: {', '.join(changed)}; `make` rebuilds"
     sys.meta_path.insert(0, _SourcesOnly())
     return f"interpreted ({reason})"
 

@@ -192,15 +192,20 @@ class ProxyServer:
         if session.backend_key is not None and self._by_key.get(session.backend_key) is session:
             del self._by_key[session.backend_key]
 
-    def forward_cancel(self, request: CancelRequest) -> None:
-        """Sends a cancel for a backend one of our sessions owns; others are ignored."""
+    def forward_cancel(
+        self, request: CancelRequest, done: Callable[[], None] | None = None
+    ) -> None:
+        """Sends a cancel for a backend one of our sessions owns; others are ignored.
+        `done` runs once the upstream has read it (or at once, when it is not sent)."""
         session = self._by_key.get((request.process_id, request.secret_key))
         if session is None:
             # Unknown keys are dropped, as PostgreSQL does, so the port cannot be used to
             # probe for or cancel backends of other clients.
             log.info("cancel_ignored", reason="unknown backend key")
+            if done is not None:
+                done()
             return
-        self._cancel(request, session, None)
+        self._cancel(request, session, done)
 
     def cancel_backend(self, session: Session, done: Callable[[], None]) -> None:
         """Cancels what `session`'s backend runs; `done` runs once the request was read."""

@@ -73,7 +73,9 @@ class SessionHost(Protocol):
 
     def session_ready(self, session: Session) -> None: ...
     def session_closed(self, session: Session) -> None: ...
-    def forward_cancel(self, request: CancelRequest) -> None: ...
+    def forward_cancel(
+        self, request: CancelRequest, done: Callable[[], None] | None = None
+    ) -> None: ...
     def cancel_backend(self, session: Session, done: Callable[[], None]) -> None: ...
 
 
@@ -264,8 +266,10 @@ class Session(asyncio.Protocol):
                     return
                 self._write_client(b"N")
             elif isinstance(packet, CancelRequest):
-                self.host.forward_cancel(packet)
-                self._close("cancel_request")
+                # Closed once the cancel was delivered, as PostgreSQL closes it once read:
+                # a client such as libpq waits for that before it sends anything more.
+                self.pause_client("cancel")
+                self.host.forward_cancel(packet, lambda: self._close("cancel_request"))
                 return
             else:
                 assert isinstance(packet, StartupMessage)
