@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from proxy import native
 from proxy.config import deep_merge
 from proxy.pgcluster import OWNER, LocalCluster, free_port
 
@@ -467,7 +468,8 @@ def notes(runs: list[Run], args: argparse.Namespace, machine: dict[str, Any]) ->
     lines.append(
         f"Machine: {machine['nproc']} CPUs ({machine['cpu']}); Python {machine['python']}; "
         f"PostgreSQL {machine['postgresql']}; PgBouncer {machine['pgbouncer'] or '-'}; "
-        f"uvloop {machine['uvloop'] or 'not importable'}."
+        f"uvloop {machine['uvloop'] or 'not importable'}; pgwarden analysis "
+        f"{machine['analysis_code']}."
     )
     return lines
 
@@ -493,6 +495,7 @@ def machine_info(cluster: LocalCluster, pgbouncer: str | None) -> dict[str, Any]
         "postgresql": cluster.psql("SHOW server_version").strip(),
         "pgbouncer": bouncer_version,
         "uvloop": uvloop_version,
+        "analysis_code": native.MODE,  # the pgwarden processes import the same package
     }
 
 
