@@ -3,8 +3,8 @@
 Analysis runs on every statement in the proxy's one thread, so its per-statement cost is
 taken from the application's throughput. mypyc compiles these type-annotated modules
 unchanged into C extensions that do the same work in about half the time (measured on
-pgbench traffic, see README "Speed"). Everything else stays interpreted, the relay path
-included, so a compiled module can never be what stands between a client and its server.
+pgbench traffic, see README "Speed"). The relay's own modules (session, protocol codec,
+round trips, server) stay interpreted.
 
 Set PGWARDEN_COMPILE=0 to skip compiling. A machine without a C compiler gets a warning
 and the pure-Python package (the extensions are optional).
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # The analysis path, one compilation group: calls between these modules stay native.
 COMPILED = [
@@ -47,7 +47,7 @@ def record_sources() -> None:
     Path("proxy/native.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
 
 
-def extensions() -> list:
+def extensions() -> list[Extension]:
     if os.environ.get("PGWARDEN_COMPILE", "1") == "0":
         return []
     try:

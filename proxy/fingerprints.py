@@ -11,13 +11,13 @@ stays monotonic, as a counter must: counts made before a promotion stay in "othe
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
 __all__ = ["FingerprintStats"]
 
-OTHER = "other"
+OTHER: Final = "other"
 
 
 class _Entry:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -35,7 +35,7 @@ CONNECTION_ERROR_KINDS = (
 )
 # Commands get their own series; anything else (including text pglast could not parse,
 # whose first word is arbitrary) counts as OTHER, so the label set stays bounded.
-COMMANDS = frozenset(
+COMMANDS: Final = frozenset(
     [
         "SELECT",
         "INSERT",
@@ -71,8 +71,8 @@ COMMANDS = frozenset(
         "EMPTY",
     ]
 )
-_MAX_SQLSTATES = 100
-DURATION_BUCKETS = (
+_MAX_SQLSTATES: Final = 100
+DURATION_BUCKETS: Final = (
     0.0001,
     0.00025,
     0.0005,

@@ -14,11 +14,10 @@ held in memory only, for the detectors, and never logged.
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Final, cast
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.logs import get_logger
@@ -43,35 +42,34 @@ __all__ = [
 # every message it reads, so that only a message too large to inspect comes without a body.
 CLIENT_INTEREST = interest_table(body=b"QPBEDCSF")
 SERVER_INTEREST = interest_table(body=b"123nsIGHWZECTDt")
-_SERVER_LIMIT = 1 << 16  # larger replies (a huge row or error) are not inspected
-_unpack_header = struct.Struct("!BI").unpack_from
+_SERVER_LIMIT: Final = 1 << 16  # larger replies (a huge row or error) are not inspected
 
-_MAX_PREPARED = 2000  # named statements remembered per session
-_MAX_PORTALS = 200
-_MAX_QUEUE = 10000  # replies owed before the tracker gives up on a runaway pipeline
-_MAX_PENDING_EVENTS = 1000
-_SAMPLE_ROWS = 1000
-_SAMPLE_BYTES = 256 * 1024
-_MAX_PARAM_BYTES = 8192  # larger Bind messages keep no parameter values
-_STATUS = {0x49: b"I", 0x54: b"T", 0x45: b"E"}
+_MAX_PREPARED: Final = 2000  # named statements remembered per session
+_MAX_PORTALS: Final = 200
+_MAX_QUEUE: Final = 10000  # replies owed before the tracker gives up on a runaway pipeline
+_MAX_PENDING_EVENTS: Final = 1000
+_SAMPLE_ROWS: Final = 1000
+_SAMPLE_BYTES: Final = 256 * 1024
+_MAX_PARAM_BYTES: Final = 8192  # larger Bind messages keep no parameter values
+_STATUS: Final = {0x49: b"I", 0x54: b"T", 0x45: b"E"}
 
 log = get_logger("pgwarden.statements")
 
 # What the server owes, in order: (kind, item) pairs in the queue.
-_BIND = "bind"
-_PARSE = "parse"
-_DESCRIBE = "describe"
-_CLOSE = "close"
-_EXECUTE = "execute"
-_SYNC = "sync"
-_QUERY = "query"
-_FUNCTION = "function"
-_ANSWERED_BY_ACK = frozenset((_BIND, _PARSE, _CLOSE, _DESCRIBE))  # 1, 2, 3, n replies
-_ENDS_ROUND_TRIP = frozenset((_SYNC, _QUERY, _FUNCTION))
-_OWED_BIND = (_BIND, None)
-_OWED_CLOSE = (_CLOSE, None)
+_BIND: Final = "bind"
+_PARSE: Final = "parse"
+_DESCRIBE: Final = "describe"
+_CLOSE: Final = "close"
+_EXECUTE: Final = "execute"
+_SYNC: Final = "sync"
+_QUERY: Final = "query"
+_FUNCTION: Final = "function"
+_ANSWERED_BY_ACK: Final = frozenset((_BIND, _PARSE, _CLOSE, _DESCRIBE))  # 1, 2, 3, n replies
+_ENDS_ROUND_TRIP: Final = frozenset((_SYNC, _QUERY, _FUNCTION))
+_OWED_BIND: Final = (_BIND, None)
+_OWED_CLOSE: Final = (_CLOSE, None)
 # a Query too large to read: counted, timed, never analysed
-_TOO_LARGE = Parsed(StatementInfo("", "", "OTHER", error="statement too large to inspect"))
+_TOO_LARGE: Final = Parsed(StatementInfo("", "", "OTHER", error="statement too large to inspect"))
 
 
 class ResultSample:
@@ -304,7 +302,8 @@ class StatementTracker:
         queue = self._queue
         size = len(data)
         while size - pos >= 5:
-            mtype, length = _unpack_header(data, pos)
+            mtype = data[pos]  # the header, read inline: this loop runs for every message
+            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
             if length < 4:  # larger than allowed: the decoder it is handed to says so
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
@@ -425,7 +424,7 @@ class StatementTracker:
             pos = self._server_walk(data, pos, now)
             if pos < size:  # a message continues in the next chunk
                 if size - pos >= 5 and data[pos] == 0x44:  # a DataRow: its size is known now
-                    length = _unpack_header(data, pos)[1]
+                    length = _length(data, pos)
                     event = self._running() if length - 4 > _SERVER_LIMIT else None
                     if event is not None:  # too large to be put back together: count it here
                         event.bytes_returned += length + 1
@@ -439,7 +438,8 @@ class StatementTracker:
         size = len(data)
         receiving: StatementEvent | None = None  # the statement this run of DataRows is for
         while size - pos >= 5:
-            mtype, length = _unpack_header(data, pos)
+            mtype = data[pos]  # the header, read inline: this loop runs for every message
+            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
             if length < 4:  # larger than allowed: the decoder it is handed to says so
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
@@ -688,6 +688,12 @@ class StatementTracker:
         self.desynchronized += 1
         self._queue.clear()
         self._done.clear()
+
+
+def _length(data: bytes, pos: int) -> int:
+    """The length field of the message whose header starts at `pos` (compiled, this is
+    several times cheaper than a struct call)."""
+    return data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
 
 
 def _whole(mtype: int, body: memoryview | None) -> bytes:

@@ -8,7 +8,7 @@ report a burst still open. It keeps only bounded state and never touches I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from proxy.advice import Advice
 from proxy.analysis.matching import SessionIdentity
@@ -16,7 +16,7 @@ from proxy.statements import StatementEvent
 
 __all__ = ["NO_ADVICE", "Detector", "SessionIdentity"]
 
-NO_ADVICE: tuple[Advice, ...] = ()  # what nearly every observe() returns: nothing to build
+NO_ADVICE: Final[tuple[Advice, ...]] = ()  # what nearly every observe() returns: nothing to build
 
 
 class Detector:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from proxy.advice import Advice
 from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
@@ -22,8 +22,8 @@ from rewriters.batching import batched_lookup_sql
 
 __all__ = ["NPlusOne"]
 
-_MAX_SOURCES = 16  # latest multi-row result of this many fingerprints kept as sources
-_MAX_DISTINCT = 10_000
+_MAX_SOURCES: Final = 16  # latest multi-row result of this many fingerprints kept as sources
+_MAX_DISTINCT: Final = 10_000
 
 
 class _Source:
