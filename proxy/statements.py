@@ -301,14 +301,11 @@ class StatementTracker:
         """Tracks each whole message from `pos`; returns where an incomplete one starts."""
         queue = self._queue
         size = len(data)
-        while size - pos >= 5:
-            mtype = data[pos]  # the header, read inline: this loop runs for every message
-            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-            if length < 4:  # larger than allowed: the decoder it is handed to says so
-                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
-            end = pos + 1 + length
-            if end > size:
+        while True:
+            end = _message_end(data, pos, size)
+            if end < 0:
                 break
+            mtype = data[pos]
             start = pos + 5
             pos = end
             try:
@@ -437,14 +434,11 @@ class StatementTracker:
         queue = self._queue
         size = len(data)
         receiving: StatementEvent | None = None  # the statement this run of DataRows is for
-        while size - pos >= 5:
-            mtype = data[pos]  # the header, read inline: this loop runs for every message
-            length = data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-            if length < 4:  # larger than allowed: the decoder it is handed to says so
-                raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
-            end = pos + 1 + length
-            if end > size:
+        while True:
+            end = _message_end(data, pos, size)
+            if end < 0:
                 break
+            mtype = data[pos]
             start = pos + 5
             pos = end
             if mtype == 0x44:  # DataRow
@@ -452,15 +446,15 @@ class StatementTracker:
                 if event is None:
                     continue
                 receiving = event
-                event.bytes_returned += length + 1
-                if event.description is not None and length - 4 <= _SERVER_LIMIT:
+                event.bytes_returned += end - start + 5
+                if event.description is not None and end - start <= _SERVER_LIMIT:
                     sampled = event.sampled
                     if sampled is None:
                         event.sampled = [data[start:end]]
-                        event.sample_size = length - 4
+                        event.sample_size = end - start
                     elif len(sampled) < _SAMPLE_ROWS and event.sample_size < _SAMPLE_BYTES:
                         sampled.append(data[start:end])
-                        event.sample_size += length - 4
+                        event.sample_size += end - start
                 continue
             receiving = None
             try:
@@ -496,7 +490,7 @@ class StatementTracker:
                     else:
                         self.desynchronized += 1
                 elif mtype == 0x54:  # RowDescription
-                    self._row_description(data[start:end] if length - 4 <= _SERVER_LIMIT else None)
+                    self._row_description(data[start:end] if end - start <= _SERVER_LIMIT else None)
                 elif mtype == 0x49 or mtype == 0x73:  # EmptyQueryResponse, PortalSuspended
                     self._complete(now, None, suspended=mtype == 0x73)
                 elif mtype == 0x74:  # ParameterDescription
@@ -694,6 +688,18 @@ def _length(data: bytes, pos: int) -> int:
     """The length field of the message whose header starts at `pos` (compiled, this is
     several times cheaper than a struct call)."""
     return data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+
+
+def _message_end(data: bytes, pos: int, size: int) -> int:
+    """Where the message whose header starts at `pos` ends, or -1 when it does not end
+    within `size`: what both walks ask of every message."""
+    if size - pos < 5:
+        return -1
+    length = _length(data, pos)
+    if length < 4:  # larger than allowed: the decoder it is handed to says so
+        raise ProtocolViolation(f"invalid length {length} for message type {data[pos]:#04x}")
+    end = pos + 1 + length
+    return end if end <= size else -1
 
 
 def _whole(mtype: int, body: memoryview | None) -> bytes:
