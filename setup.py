@@ -35,7 +35,9 @@ COMPILED = [
     "proxy/fingerprints.py",
     "proxy/inspector.py",
     "proxy/metrics.py",
-    "proxy/statements.py",
+    "proxy/protocol/codes.py",
+    "proxy/tracking/events.py",
+    "proxy/tracking/statements.py",
 ]
 
 

@@ -27,7 +27,7 @@ from proxy.config import Settings
 from proxy.inspector import Analysis, Inspector
 from proxy.metrics import Metrics
 from proxy.protocol import messages as m
-from proxy.tracker import RoundTrips
+from proxy.tracking.round_trips import RoundTrips
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 SESSIONS = 16

@@ -36,7 +36,7 @@ import yaml
 
 from proxy import native
 from proxy.config import deep_merge
-from proxy.pgcluster import OWNER, LocalCluster, free_port
+from proxy.tools.pgcluster import OWNER, LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"

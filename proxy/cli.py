@@ -17,7 +17,7 @@ import yaml
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings
 from proxy.logs import configure_logging, get_logger
-from proxy.report import format_advice
+from proxy.tools.report import format_advice
 
 __all__ = ["main"]
 
@@ -138,7 +138,7 @@ def cmd_advice(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.tools.demo import run_demo
 
     return run_demo()
 

@@ -372,7 +372,7 @@ def _check(settings: Settings) -> None:
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{name}: no such file {path!r}")
     _check_timeouts(settings.timeouts)
-    from rewriters.rules import check_rules  # rules are parsed with pglast at load
+    from proxy.rewriters.rules import check_rules  # rules are parsed with pglast at load
 
     names: set[str] = set()  # rewrites and blocks share one namespace
     _check_names("rewrites", settings.rewrites, names)

@@ -20,8 +20,9 @@ from proxy.detectors import DETECTORS, Detector, SessionIdentity
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.framing import ProtocolViolation
-from proxy.statements import StatementEvent, StatementTracker
-from proxy.tracker import RoundTrips
+from proxy.tracking.events import StatementEvent
+from proxy.tracking.round_trips import RoundTrips
+from proxy.tracking.statements import StatementTracker
 
 __all__ = ["Analysis", "Inspector"]
 

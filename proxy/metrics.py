@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from proxy.advice import Advice
     from proxy.analysis.analyzer import Analyzer
     from proxy.session import Session
-    from proxy.statements import StatementEvent
+    from proxy.tracking.events import StatementEvent
 
 __all__ = ["Metrics"]
 

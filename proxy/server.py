@@ -19,9 +19,9 @@ from proxy.inspector import Analysis
 from proxy.logs import configure_logging, get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.startup import CancelRequest
+from proxy.rewriters.rules import RuleEngine
 from proxy.session import Session
 from proxy.timeouts import TimeoutPolicy
-from rewriters.rules import RuleEngine
 
 __all__ = ["ProxyServer", "server_ssl_context"]
 

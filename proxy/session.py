@@ -26,7 +26,7 @@ from proxy.detectors import SessionIdentity
 from proxy.inspector import Analysis, Inspector
 from proxy.logs import get_logger
 from proxy.protocol import messages as m
-from proxy.protocol.editor import MessageEditor
+from proxy.protocol.editor import ErrorEditor, MessageEditor, flush_after_executes
 from proxy.protocol.framing import FrameDecoder, ProtocolViolation
 from proxy.protocol.startup import (
     CancelRequest,
@@ -35,16 +35,9 @@ from proxy.protocol.startup import (
     StartupMessage,
     read_startup_packet,
 )
-from proxy.timeouts import (
-    ErrorEditor,
-    Limit,
-    TimeoutGuard,
-    TimeoutPolicy,
-    flush_after_executes,
-    rewrite_cancel,
-)
-from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
-from rewriters.rules import BLOCK_MARKER, Decision, RuleEngine, rewrite_statements
+from proxy.rewriters.rules import BLOCK_MARKER, Decision, RuleEngine, rewrite_statements
+from proxy.timeouts import Limit, TimeoutGuard, TimeoutPolicy, rewrite_cancel
+from proxy.tracking.round_trips import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
 
 if TYPE_CHECKING:
     from proxy.analysis.analyzer import StatementInfo

@@ -10,7 +10,6 @@ passing every other byte through untouched and unbuffered.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,14 +17,12 @@ from typing import Protocol
 from proxy.analysis.analyzer import StatementInfo
 from proxy.analysis.matching import SessionIdentity, statement_matches
 from proxy.config import TimeoutSettings
-from proxy.protocol.editor import MessageEditor
 from proxy.protocol.messages import ErrorResponse
-from proxy.statements import Running, StatementEvent
+from proxy.tracking.events import Running, StatementEvent
 
-__all__ = ["ErrorEditor", "Limit", "TimeoutGuard", "TimeoutPolicy", "flush_after_executes"]
+__all__ = ["Limit", "TimeoutGuard", "TimeoutPolicy", "rewrite_cancel"]
 
 _CACHE_SIZE = 4096
-_HEADER = struct.Struct("!BI")
 _TX_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
 
 
@@ -219,15 +216,6 @@ class TimeoutGuard:
         self._end_transaction()
 
 
-class ErrorEditor(MessageEditor):
-    """Passes a server-to-client stream through, handing each ErrorResponse to `edit`."""
-
-    def __init__(
-        self, edit: Callable[[bytes], bytes], *, header_sent: bytes = b"", passing: int = 0
-    ) -> None:
-        super().__init__(b"E", edit, header_sent=header_sent, passing=passing)
-
-
 def rewrite_cancel(raw: bytes, limit: Limit) -> bytes | None:
     """PostgreSQL's 57014 cancel error with a message naming pgwarden's rule; else None."""
     try:
@@ -242,34 +230,3 @@ def rewrite_cancel(raw: bytes, limit: Limit) -> bytes | None:
         f"{limit.describe()})"
     )
     return ErrorResponse(fields).encode()
-
-
-_FLUSH = b"H\0\0\0\x04"
-_SYNC_OR_FLUSH = (0x53, 0x48)
-
-
-def flush_after_executes(data: bytes, start: int = 0) -> bytes:
-    """`data` with a Flush after every Execute that is not already followed by a Sync or
-    Flush; the first message starts at `start` (the rest of one already passed on before).
-
-    PostgreSQL holds the replies of pipelined statements until a Sync or Flush, so without
-    this pgwarden could not see when one statement ends and the next begins, and could
-    not time them one by one. Flush has no reply: the client sees no difference.
-    """
-    parts: list[bytes] = []
-    pos, last = start, 0
-    size = len(data)
-    while pos + 5 <= size:
-        mtype, length = _HEADER.unpack_from(data, pos)
-        end = pos + 1 + length
-        if end > size:
-            break
-        if mtype == 0x45 and (end >= size or data[end] not in _SYNC_OR_FLUSH):
-            parts.append(data[last:end])
-            parts.append(_FLUSH)
-            last = end
-        pos = end
-    if not parts:
-        return data
-    parts.append(data[last:])
-    return b"".join(parts)

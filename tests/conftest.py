@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.pgcluster import PASSWORD_ROLES, LocalCluster, make_dsn
+from proxy.tools.pgcluster import PASSWORD_ROLES, LocalCluster, make_dsn
 from tests.support.proxy import (
     ProxyProcess,
     deep_merge,
@@ -74,7 +74,7 @@ def pg() -> Iterator[PgServer]:
 def password_roles(pg: PgServer) -> dict[str, str]:
     """Role -> password for the md5, SCRAM and cleartext roles; skips where they are missing."""
     if not pg.password_roles:
-        pytest.skip("the test server lacks the password roles of proxy.pgcluster")
+        pytest.skip("the test server lacks the password roles of proxy.tools.pgcluster")
     return PASSWORD_ROLES
 
 

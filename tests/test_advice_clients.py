@@ -31,7 +31,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import NullPool
 
-from proxy.pgcluster import find_bindir
+from proxy.tools.pgcluster import find_bindir
 from tests.conftest import StartProxy
 from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer, wait_until

@@ -18,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.pgcluster import SSL_ONLY_ROLE
+from proxy.tools.pgcluster import SSL_ONLY_ROLE
 from tests.conftest import StartProxy
 from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer, assert_cancel_works

@@ -1,4 +1,4 @@
-"""rewriters.batching: the batched SQL offered as `suggested_sql`, checked by parsing it back."""
+"""proxy.rewriters.batching: the batched SQL of `suggested_sql`, checked by parsing it back."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from pglast import ast, parse_sql
 from pglast.enums import A_Expr_Kind
 
-from rewriters.batching import batched_lookup_sql, multirow_insert_sql
+from proxy.rewriters.batching import batched_lookup_sql, multirow_insert_sql
 
 INT4, INT8, TEXT, UUID = 23, 20, 25, 2950
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.pgcluster import find_bindir
+from proxy.tools.pgcluster import find_bindir
 from tests.support.proxy import ProxyProcess
 from tests.support.util import PgServer
 

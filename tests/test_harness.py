@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.pgcluster import SSL_ONLY_ROLE, LocalCluster, find_bindir, free_port, make_dsn
+from proxy.tools.pgcluster import SSL_ONLY_ROLE, LocalCluster, find_bindir, free_port, make_dsn
 from tests.support.proxy import deep_merge
 from tests.support.util import PgServer, wait_until
 

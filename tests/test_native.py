@@ -73,7 +73,7 @@ def test_finds_compiled_modules_and_the_sources_changed_since(tmp_path: Path) ->
 def test_a_current_build_runs_compiled() -> None:
     mode, compiled = probe(ROOT)
     assert mode == "compiled"
-    expected = {"proxy.statements", "proxy.inspector", "proxy.detectors.n_plus_one"}
+    expected = {"proxy.tracking.statements", "proxy.inspector", "proxy.detectors.n_plus_one"}
     assert expected <= set(compiled)
 
 
@@ -93,10 +93,10 @@ def test_a_source_edited_after_the_build_runs_interpreted(tmp_path: Path) -> Non
         shutil.copy2(shared, copy)
     assert probe(copy)[0] == "compiled"
 
-    with (copy / "proxy" / "statements.py").open("a") as source:
+    with (copy / "proxy" / "tracking" / "statements.py").open("a") as source:
         source.write("# edited\n")
     mode, compiled = probe(copy)
-    assert mode.startswith("interpreted (changed since compiled: proxy/statements.py")
+    assert mode.startswith("interpreted (changed since compiled: proxy/tracking/statements.py")
     assert compiled == []
 
 

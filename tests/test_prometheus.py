@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.pgcluster import free_port
+from proxy.tools.pgcluster import free_port
 from tests.prometheus_tools import require
 from tests.support.metrics_workload import light_queries
 from tests.support.proxy import REPO_ROOT, ProxyProcess

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.pgcluster import LocalCluster
+from proxy.tools.pgcluster import LocalCluster
 from tests.support.proxy import ProxyProcess
 from tests.support.rawpg import (
     PROTOCOL_3_0,

@@ -21,7 +21,13 @@ from proxy.analysis.analyzer import Analyzer, StatementInfo
 from proxy.analysis.matching import SessionIdentity
 from proxy.config import BlockRule, ConfigError, RewriteRule, RuleMatch, settings_from_dict
 from proxy.protocol.editor import MessageEditor
-from rewriters.rules import Decision, RuleEngine, check_rules, fill_literals, rewrite_statements
+from proxy.rewriters.rules import (
+    Decision,
+    RuleEngine,
+    check_rules,
+    fill_literals,
+    rewrite_statements,
+)
 
 ALICE = SessionIdentity("alice", "shop", "web")
 BOB = SessionIdentity("bob", "analytics", "reporter")

@@ -13,8 +13,9 @@ import pytest
 
 from proxy.analysis.analyzer import Analyzer
 from proxy.protocol import messages as m
-from proxy.statements import StatementEvent, StatementTracker
-from proxy.tracker import RoundTrips
+from proxy.tracking.events import StatementEvent
+from proxy.tracking.round_trips import RoundTrips
+from proxy.tracking.statements import StatementTracker
 
 INT4 = 23
 TEXT = 25

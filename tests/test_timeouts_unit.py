@@ -19,15 +19,9 @@ from proxy.analysis.analyzer import Parsed, StatementInfo
 from proxy.analysis.matching import SessionIdentity
 from proxy.config import ConfigError, TimeoutSettings, settings_from_dict
 from proxy.protocol import messages as m
-from proxy.statements import Running, StatementEvent
-from proxy.timeouts import (
-    ErrorEditor,
-    Limit,
-    TimeoutGuard,
-    TimeoutPolicy,
-    flush_after_executes,
-    rewrite_cancel,
-)
+from proxy.protocol.editor import ErrorEditor, flush_after_executes
+from proxy.timeouts import Limit, TimeoutGuard, TimeoutPolicy, rewrite_cancel
+from proxy.tracking.events import Running, StatementEvent
 from tests.support.rawpg import error_fields
 
 ALICE = SessionIdentity("alice", "shop", "web")

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.protocol import messages as m
 from proxy.protocol.framing import FrameDecoder
-from proxy.tracker import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
+from proxy.tracking.round_trips import CLIENT_INTEREST, SERVER_INTEREST, RoundTrips
 
 
 class Playbook:

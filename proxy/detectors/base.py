@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Final
 
 from proxy.advice import Advice
 from proxy.analysis.matching import SessionIdentity
-from proxy.statements import StatementEvent
+from proxy.tracking.events import StatementEvent
 
 __all__ = ["NO_ADVICE", "Detector", "SessionIdentity"]
 

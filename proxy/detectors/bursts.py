@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from proxy.statements import StatementEvent
+from proxy.tracking.events import StatementEvent
 
 __all__ = ["Burst", "Bursts"]
 

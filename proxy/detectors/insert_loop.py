@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from proxy.advice import Advice
 from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
-from proxy.statements import StatementEvent
-from rewriters.batching import multirow_insert_sql
+from proxy.rewriters.batching import multirow_insert_sql
+from proxy.tracking.events import StatementEvent
 
 __all__ = ["InsertLoop"]
 

@@ -17,8 +17,8 @@ from proxy.advice import Advice
 from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.detectors.values import canonical, literal_text
-from proxy.statements import ResultSample, StatementEvent
-from rewriters.batching import batched_lookup_sql
+from proxy.rewriters.batching import batched_lookup_sql
+from proxy.tracking.events import ResultSample, StatementEvent
 
 __all__ = ["NPlusOne"]
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from proxy.advice import Advice
 from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
-from proxy.statements import StatementEvent
+from proxy.tracking.events import StatementEvent
 
 __all__ = ["SlowQuery"]
 

@@ -1,19 +1,19 @@
-"""A stream pass-through that hands chosen message types, whole, to an edit function.
+"""The only edits pgwarden makes to a stream: whole messages handed to an edit function,
+and Flushes added after pipelined Executes.
 
-Messages of other types pass on byte for byte as they arrive, whatever the chunking;
-only messages of the chosen types are held until complete (bounded by `max_held`; a
-larger one passes through unedited). Used to rewrite statements on their way to the
-server and errors on their way back.
+MessageEditor passes messages of other types on byte for byte as they arrive, whatever
+the chunking; only messages of the chosen types are held until complete (bounded by
+`max_held`; a larger one passes through unedited). Used to rewrite statements on their
+way to the server (rules) and errors on their way back (timeouts, blocks).
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
-__all__ = ["MessageEditor"]
+from proxy.protocol import codes as c
 
-_HEADER = struct.Struct("!BI")
+__all__ = ["ErrorEditor", "MessageEditor", "StatementEditor", "flush_after_executes"]
 
 
 class MessageEditor:
@@ -61,12 +61,13 @@ class MessageEditor:
                     out.append(self.edit(bytes(self._held)))
                     self._held.clear()
                 continue
-            take = min(5 - len(self._header), size - pos)
+            take = min(c.HEADER_SIZE - len(self._header), size - pos)
             self._header += view[pos : pos + take]
             pos += take
-            if len(self._header) < 5:
+            if len(self._header) < c.HEADER_SIZE:
                 continue
-            mtype, length = _HEADER.unpack_from(self._header)
+            mtype = self._header[0]
+            length = c.message_length(self._header, 0)
             header = bytes(self._header)
             self._header.clear()
             if self._header_sent:  # its start already went out: pass the rest unedited
@@ -85,3 +86,51 @@ class MessageEditor:
         if len(out) == 1 and isinstance(out[0], memoryview) and len(out[0]) == size:
             return data  # nothing held or edited: the chunk itself
         return b"".join(out)
+
+
+class ErrorEditor(MessageEditor):
+    """Passes a server-to-client stream through, handing each ErrorResponse to `edit`."""
+
+    def __init__(
+        self, edit: Callable[[bytes], bytes], *, header_sent: bytes = b"", passing: int = 0
+    ) -> None:
+        super().__init__(bytes((c.ERROR_RESPONSE,)), edit, header_sent=header_sent, passing=passing)
+
+
+class StatementEditor(MessageEditor):
+    """Passes a client-to-server stream through, handing each Query and Parse to `edit`."""
+
+    def __init__(
+        self, edit: Callable[[bytes], bytes], *, header_sent: bytes = b"", passing: int = 0
+    ) -> None:
+        super().__init__(bytes((c.QUERY, c.PARSE)), edit, header_sent=header_sent, passing=passing)
+
+
+_FLUSH = bytes((c.FLUSH, 0, 0, 0, 4))
+_SYNC_OR_FLUSH = (c.SYNC, c.FLUSH)
+
+
+def flush_after_executes(data: bytes, start: int = 0) -> bytes:
+    """`data` with a Flush after every Execute that is not already followed by a Sync or
+    Flush; the first message starts at `start` (the rest of one already passed on before).
+
+    PostgreSQL holds the replies of pipelined statements until a Sync or Flush, so without
+    this pgwarden could not see when one statement ends and the next begins, and could
+    not time them one by one. Flush has no reply: the client sees no difference.
+    """
+    parts: list[bytes] = []
+    pos, last = start, 0
+    size = len(data)
+    while pos + c.HEADER_SIZE <= size:
+        end = pos + 1 + c.message_length(data, pos)
+        if end > size:
+            break
+        if data[pos] == c.EXECUTE and (end >= size or data[end] not in _SYNC_OR_FLUSH):
+            parts.append(data[last:end])
+            parts.append(_FLUSH)
+            last = end
+        pos = end
+    if not parts:
+        return data
+    parts.append(data[last:])
+    return b"".join(parts)

@@ -9,7 +9,9 @@ memory stays bounded by `inspect_limit` whatever the stream carries.
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Iterable
+
+from proxy.protocol.codes import HEADER_SIZE, message_length
 
 __all__ = [
     "BODY",
@@ -20,8 +22,6 @@ __all__ = [
     "ProtocolViolation",
     "interest_table",
 ]
-
-_HEADER = struct.Struct("!BI")
 
 # PostgreSQL refuses messages of 1 GB or more (PQ_LARGE_MESSAGE_LIMIT); so does pgwarden.
 MAX_MESSAGE_LENGTH = 0x3FFFFFFF
@@ -35,8 +35,8 @@ class ProtocolViolation(Exception):
     """The peer sent bytes that cannot be a protocol-3 message stream."""
 
 
-def interest_table(type_only: bytes = b"", body: bytes = b"") -> bytes:
-    """A 256-entry lookup of what to report for each message type byte."""
+def interest_table(type_only: Iterable[int] = (), body: Iterable[int] = ()) -> bytes:
+    """A 256-entry lookup of what to report for each message type code."""
     table = bytearray(256)
     for t in type_only:
         table[t] = TYPE_ONLY
@@ -103,12 +103,12 @@ class FrameDecoder:
         view: memoryview | None = None  # made only when a body is handed out
         interest = self.interest
         limit = self.inspect_limit
-        unpack = _HEADER.unpack_from  # reads bytes faster than it reads a memoryview
         while pos < size:
-            if size - pos < 5:
+            if size - pos < HEADER_SIZE:
                 self._buf += memoryview(data)[pos:]
                 break
-            mtype, length = unpack(data, pos)
+            mtype = data[pos]
+            length = message_length(data, pos)
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
@@ -117,7 +117,7 @@ class FrameDecoder:
                 if want == BODY and length - 4 <= limit:
                     if view is None:
                         view = memoryview(data)
-                    out.append((mtype, view[pos + 5 : end]))
+                    out.append((mtype, view[pos + HEADER_SIZE : end]))
                 elif want:
                     out.append((mtype, None))
                 pos = end
@@ -154,12 +154,13 @@ class FrameDecoder:
         """Completes the held message from the chunk's start; returns where framing resumes."""
         buf = self._buf
         if not self._need:  # only part of a header was held: complete the header first
-            take = min(5 - len(buf), len(view) - pos)
+            take = min(HEADER_SIZE - len(buf), len(view) - pos)
             buf += view[pos : pos + take]
             pos += take
-            if len(buf) < 5:
+            if len(buf) < HEADER_SIZE:
                 return pos
-            mtype, length = _HEADER.unpack_from(buf, 0)
+            mtype = buf[0]
+            length = message_length(buf, 0)
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             want = self.interest[mtype]
@@ -173,7 +174,7 @@ class FrameDecoder:
                 return pos + take
             self._need = length - 4
             if not self._need:
-                out.append((mtype, memoryview(bytes(buf[5:]))))
+                out.append((mtype, memoryview(bytes(buf[HEADER_SIZE:]))))
                 buf.clear()
                 return pos
         take = min(self._need, len(view) - pos)
@@ -181,6 +182,6 @@ class FrameDecoder:
         self._need -= take
         pos += take
         if not self._need:
-            out.append((buf[0], memoryview(bytes(buf[5:]))))
+            out.append((buf[0], memoryview(bytes(buf[HEADER_SIZE:]))))
             buf.clear()
         return pos

@@ -22,7 +22,7 @@ from typing import Any, overload
 import yaml
 
 from proxy.config import deep_merge
-from proxy.pgcluster import free_port, tcp_dsn
+from proxy.tools.pgcluster import free_port, tcp_dsn
 from tests.support.util import PgServer, wait_until
 
 __all__ = [

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from proxy.pgcluster import PASSWORD_ROLES, SSL_ONLY_ROLE, find_bindir, free_port
+from proxy.tools.pgcluster import PASSWORD_ROLES, SSL_ONLY_ROLE, find_bindir, free_port
 
 __all__ = ["ExternalServer", "PgServer", "free_port", "wait_until"]
 
@@ -43,7 +43,7 @@ def wait_until(
 
 
 class PgServer(Protocol):
-    """What tests may rely on from the `pg` fixture (proxy.pgcluster.LocalCluster has it)."""
+    """What tests may rely on from the `pg` fixture (proxy.tools.pgcluster.LocalCluster has it)."""
 
     host: str
     port: int

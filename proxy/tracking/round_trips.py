@@ -13,16 +13,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from proxy.protocol import codes as c
 from proxy.protocol.framing import interest_table
 from proxy.protocol.messages import ErrorResponse
 
 __all__ = ["CLIENT_INTEREST", "SERVER_INTEREST", "RoundTrips"]
 
-_OPENS_ROUND_TRIP = frozenset(b"QSF")
-_EXTENDED = frozenset(b"PBEDCH")
+_OPENS_ROUND_TRIP = frozenset((c.QUERY, c.SYNC, c.FUNCTION_CALL))
+_EXTENDED = frozenset((c.PARSE, c.BIND, c.EXECUTE, c.DESCRIBE, c.CLOSE, c.FLUSH))
 
-CLIENT_INTEREST = interest_table(type_only=b"QSFXPBEDCHdcf")
-SERVER_INTEREST = interest_table(body=b"ZE")
+# What the relay frames of each stream for the round trips (the tracker reads more).
+CLIENT_INTEREST = interest_table(
+    type_only=(*_OPENS_ROUND_TRIP, *_EXTENDED, c.TERMINATE, c.COPY_DATA, c.COPY_DONE, c.COPY_FAIL)
+)
+SERVER_INTEREST = interest_table(body=(c.READY_FOR_QUERY, c.ERROR_RESPONSE))
 
 
 class RoundTrips:
@@ -49,21 +53,21 @@ class RoundTrips:
         for mtype, _ in frames:
             if mtype in _OPENS_ROUND_TRIP:
                 self.awaiting += 1
-                if mtype == 0x53:  # Sync
+                if mtype == c.SYNC:
                     self.unsynced = False
             elif mtype in _EXTENDED:
                 self.unsynced = True
-            elif mtype == 0x58:  # Terminate
+            elif mtype == c.TERMINATE:
                 self.terminated = True
 
     def server(self, frames: list[tuple[int, memoryview | None]]) -> bool:
         """Updates from server frames; True when a ReadyForQuery passed."""
         ready = False
         for mtype, body in frames:
-            if mtype == 0x5A and body is not None:  # ReadyForQuery
+            if mtype == c.READY_FOR_QUERY and body is not None:
                 self.ready(bytes(body[:1]), 0.0)
                 ready = True
-            elif mtype == 0x45 and body is not None and _is_fatal(body):
+            elif mtype == c.ERROR_RESPONSE and body is not None and _is_fatal(body):
                 self.fatal_seen = True
         return ready
 

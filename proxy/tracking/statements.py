@@ -16,32 +16,46 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Final, cast
 
 from proxy.analysis.analyzer import Analyzer, Parsed, StatementInfo
 from proxy.logs import get_logger
+from proxy.protocol import codes as c
 from proxy.protocol import messages as m
 from proxy.protocol.framing import (
     FrameDecoder,
     ProtocolViolation,
     interest_table,
 )
-from proxy.tracker import RoundTrips
+from proxy.tracking.events import Running, StatementEvent
+from proxy.tracking.round_trips import RoundTrips
 
-__all__ = [
-    "CLIENT_INTEREST",
-    "SERVER_INTEREST",
-    "ResultSample",
-    "Running",
-    "StatementEvent",
-    "StatementTracker",
-]
+__all__ = ["CLIENT_INTEREST", "SERVER_INTEREST", "StatementTracker"]
 
 # What the tracker's FrameDecoders put back together when a chunk ends inside a message:
 # every message it reads, so that only a message too large to inspect comes without a body.
-CLIENT_INTEREST = interest_table(body=b"QPBEDCSF")
-SERVER_INTEREST = interest_table(body=b"123nsIGHWZECTDt")
+CLIENT_INTEREST = interest_table(
+    body=(c.QUERY, c.PARSE, c.BIND, c.EXECUTE, c.DESCRIBE, c.CLOSE, c.SYNC, c.FUNCTION_CALL)
+)
+SERVER_INTEREST = interest_table(
+    body=(
+        c.PARSE_COMPLETE,
+        c.BIND_COMPLETE,
+        c.CLOSE_COMPLETE,
+        c.NO_DATA,
+        c.PORTAL_SUSPENDED,
+        c.EMPTY_QUERY_RESPONSE,
+        c.COPY_IN_RESPONSE,
+        c.COPY_OUT_RESPONSE,
+        c.COPY_BOTH_RESPONSE,
+        c.READY_FOR_QUERY,
+        c.ERROR_RESPONSE,
+        c.COMMAND_COMPLETE,
+        c.ROW_DESCRIPTION,
+        c.DATA_ROW,
+        c.PARAMETER_DESCRIPTION,
+    )
+)
 _SERVER_LIMIT: Final = 1 << 16  # larger replies (a huge row or error) are not inspected
 
 _MAX_PREPARED: Final = 2000  # named statements remembered per session
@@ -51,7 +65,8 @@ _MAX_PENDING_EVENTS: Final = 1000
 _SAMPLE_ROWS: Final = 1000
 _SAMPLE_BYTES: Final = 256 * 1024
 _MAX_PARAM_BYTES: Final = 8192  # larger Bind messages keep no parameter values
-_STATUS: Final = {0x49: b"I", 0x54: b"T", 0x45: b"E"}
+_PORTAL: Final = ord("P")  # Describe and Close name a portal (P) or a statement (S)
+_STATUS: Final = {ord("I"): b"I", ord("T"): b"T", ord("E"): b"E"}  # ReadyForQuery
 
 log = get_logger("pgwarden.statements")
 
@@ -70,124 +85,6 @@ _OWED_BIND: Final = (_BIND, None)
 _OWED_CLOSE: Final = (_CLOSE, None)
 # a Query too large to read: counted, timed, never analysed
 _TOO_LARGE: Final = Parsed(StatementInfo("", "", "OTHER", error="statement too large to inspect"))
-
-
-class ResultSample:
-    """The first rows of a result, kept raw and decoded only if a detector asks."""
-
-    __slots__ = ("_columns", "bind", "description", "rows")
-
-    def __init__(
-        self, description: bytes, bind: bytes | None = None, rows: list[bytes] | None = None
-    ) -> None:
-        self.description = description  # the RowDescription body
-        self.rows: list[bytes] = rows if rows is not None else []  # raw DataRow bodies
-        self._columns: tuple[m.Column, ...] | None = None
-        # the Bind whose result formats apply, when the description came from Describe S
-        self.bind = bind
-
-    @property
-    def columns(self) -> tuple[m.Column, ...]:
-        if self._columns is None:
-            try:
-                columns = m.RowDescription.decode(self.description).columns
-                if self.bind is not None:
-                    columns = _with_formats(columns, m.Bind.decode(self.bind).result_formats)
-                self._columns = columns
-            except ValueError:
-                self._columns = ()
-        return self._columns
-
-    def column_values(self, index: int) -> list[bytes | None]:
-        values = []
-        for raw in self.rows:
-            row = m.DataRow.decode(raw).values
-            if index < len(row):
-                values.append(row[index])
-        return values
-
-
-class StatementEvent:
-    """One finished statement.
-
-    One is built per statement on the relay path, so its constructor sets only what every
-    statement has; the rest are class-level defaults until a reply sets them.
-    """
-
-    finished = 0.0
-    # its RowDescription, once known, and the Bind whose formats apply (Describe S)
-    description: bytes | None = None
-    formats_bind: bytes | None = None
-    sampled: list[bytes] | None = None  # the first DataRows, kept raw
-    sample_size = 0
-    tag: bytes | None = None  # the CommandComplete tag, NUL included
-    bytes_returned = 0
-    sqlstate: str | None = None
-    round_trip_statements = 1
-    transaction: int | None = None
-    portal_suspended = False
-    # its reply came in one piece with a later statement's, so its own duration is unknown
-    # (PostgreSQL holds pipelined replies until Sync or Flush)
-    reply_batched = False
-    _result: ResultSample | None = None
-    _params: tuple[tuple[bytes | None, int], ...] | None = None
-
-    def __init__(
-        self,
-        parsed: Parsed,
-        sent: float,
-        started: float,
-        bind: bytes | None = None,  # raw Bind body, decoded on demand
-        param_types: tuple[int, ...] = (),
-        round_trip: int = 0,
-    ) -> None:
-        self.parsed = parsed
-        self.sent = sent
-        self.started = started
-        self.bind = bind
-        self.param_types = param_types
-        self.round_trip = round_trip
-
-    def __repr__(self) -> str:
-        return f"StatementEvent({self.parsed!r}, rows={self.rows}, sqlstate={self.sqlstate})"
-
-    @property
-    def info(self) -> StatementInfo:
-        return self.parsed.info
-
-    @property
-    def duration(self) -> float:
-        return max(0.0, self.finished - self.started)
-
-    @property
-    def result(self) -> ResultSample | None:
-        """The first rows of its result and their columns, when the columns are known."""
-        if self._result is None and self.description is not None:
-            self._result = ResultSample(self.description, self.formats_bind, self.sampled)
-        return self._result
-
-    @property
-    def rows(self) -> int | None:
-        """The row count of the CommandComplete tag ("SELECT 5"), if it has one ("BEGIN")."""
-        if self.tag is None:
-            return None
-        _, space, count = self.tag[:-1].rpartition(b" ")
-        return int(count) if space and count.isdigit() else None
-
-    def params(self) -> tuple[tuple[bytes | None, int], ...] | None:
-        """(value, format) of each Bind parameter, or None when not known."""
-        if self._params is None and self.bind is not None:
-            self._params = _bind_params(self.bind)
-        return self._params
-
-
-@dataclass(frozen=True, slots=True)
-class Running:
-    """What the server is executing, as far as the replies seen so far tell."""
-
-    event: StatementEvent
-    started: float
-    later: tuple[StatementInfo, ...] = ()  # the rest of a multi-statement Query
 
 
 class _Prepared:
@@ -309,15 +206,15 @@ class StatementTracker:
             start = pos + 5
             pos = end
             try:
-                if mtype == 0x42:  # Bind
+                if mtype == c.BIND:
                     queue.append(_OWED_BIND)
                     self._bind(data, start, end)
-                elif mtype == 0x45:  # Execute
+                elif mtype == c.EXECUTE:
                     self._execute(data, start, end, now)
-                elif mtype == 0x53:  # Sync
+                elif mtype == c.SYNC:
                     queue.append((_SYNC, self._round_trip))
                     self._round_trip += 1
-                elif mtype == 0x51:  # Query
+                elif mtype == c.QUERY:
                     if end - start > self._client_limit:
                         self._client_uninspected(mtype, now)
                         continue
@@ -326,19 +223,19 @@ class StatementTracker:
                         (_QUERY, _QueryRun(self.analyzer.analyze(sql), now, self._round_trip))
                     )
                     self._round_trip += 1
-                elif mtype == 0x50:  # Parse
+                elif mtype == c.PARSE:
                     if end - start > self._client_limit:
                         self._client_uninspected(mtype, now)
                     else:
                         self._parse(data[start:end])
-                elif mtype == 0x44:  # Describe: what it describes
-                    names = self._portals if data[start] == 0x50 else self._prepared
+                elif mtype == c.DESCRIBE:  # what it describes
+                    names = self._portals if data[start] == _PORTAL else self._prepared
                     queue.append((_DESCRIBE, names.get(data[start + 1 : end - 1])))
-                elif mtype == 0x43:  # Close
-                    names = self._portals if data[start] == 0x50 else self._prepared
+                elif mtype == c.CLOSE:
+                    names = self._portals if data[start] == _PORTAL else self._prepared
                     names.pop(data[start + 1 : end - 1], None)  # type: ignore[arg-type]
                     queue.append(_OWED_CLOSE)
-                elif mtype == 0x46:  # FunctionCall
+                elif mtype == c.FUNCTION_CALL:
                     queue.append((_FUNCTION, self._round_trip))
                     self._round_trip += 1
             except Exception:  # what one message says must not stop the reading
@@ -348,18 +245,18 @@ class StatementTracker:
     def _client_uninspected(self, mtype: int, now: float) -> None:
         """A message too large to inspect: what it is owed is known, what it says is not."""
         queue = self._queue
-        if mtype == 0x42:  # a Bind: its portal is unknown, so the unnamed one is stale
+        if mtype == c.BIND:  # its portal is unknown, so the unnamed one is stale
             queue.append(_OWED_BIND)
             self._portals.pop(b"", None)
-        elif mtype == 0x51:
+        elif mtype == c.QUERY:
             run = _QueryRun((_TOO_LARGE,), now, self._round_trip)
             queue.append((_QUERY, run))
             self._round_trip += 1
-        elif mtype == 0x50:
+        elif mtype == c.PARSE:
             queue.append((_PARSE, None))
-        elif mtype == 0x44:
+        elif mtype == c.DESCRIBE:
             queue.append((_DESCRIBE, None))
-        elif mtype == 0x43:
+        elif mtype == c.CLOSE:
             queue.append(_OWED_CLOSE)
 
     def _parse(self, raw: bytes) -> None:
@@ -420,8 +317,8 @@ class StatementTracker:
         if pos < size:
             pos = self._server_walk(data, pos, now)
             if pos < size:  # a message continues in the next chunk
-                if size - pos >= 5 and data[pos] == 0x44:  # a DataRow: its size is known now
-                    length = _length(data, pos)
+                if size - pos >= 5 and data[pos] == c.DATA_ROW:  # its size is known now
+                    length = c.message_length(data, pos)
                     event = self._running() if length - 4 > _SERVER_LIMIT else None
                     if event is not None:  # too large to be put back together: count it here
                         event.bytes_returned += length + 1
@@ -441,7 +338,7 @@ class StatementTracker:
             mtype = data[pos]
             start = pos + 5
             pos = end
-            if mtype == 0x44:  # DataRow
+            if mtype == c.DATA_ROW:
                 event = receiving if receiving is not None else self._running()
                 if event is None:
                     continue
@@ -458,13 +355,13 @@ class StatementTracker:
                 continue
             receiving = None
             try:
-                if mtype == 0x5A:  # ReadyForQuery: the round trip's end, tracked or not
+                if mtype == c.READY_FOR_QUERY:  # the round trip's end, tracked or not
                     status = _STATUS.get(data[start]) or data[start:end] if end > start else b"I"
                     if self.books is not None:
                         self.books.ready(status, now)
                     self._ready(status)
                     continue
-                if mtype == 0x45:  # ErrorResponse
+                if mtype == c.ERROR_RESPONSE:
                     error = m.ErrorResponse.decode(data[start:end])
                     if self.books is not None and error.severity in ("FATAL", "PANIC"):
                         self.books.fatal_seen = True
@@ -473,7 +370,7 @@ class StatementTracker:
                     continue
                 if not queue:
                     continue
-                if mtype == 0x43:  # CommandComplete
+                if mtype == c.COMMAND_COMPLETE:
                     kind, item = queue[0]
                     if kind is _EXECUTE:  # the extended protocol's common case, inline
                         queue.popleft()
@@ -483,21 +380,29 @@ class StatementTracker:
                             done.tag = data[start:end]
                     else:
                         self._complete(now, data[start:end])
-                elif mtype == 0x32 or mtype == 0x31 or mtype == 0x33 or mtype == 0x6E:
-                    # BindComplete, ParseComplete, CloseComplete, NoData: the head is answered
+                elif (
+                    mtype == c.BIND_COMPLETE
+                    or mtype == c.PARSE_COMPLETE
+                    or mtype == c.CLOSE_COMPLETE
+                    or mtype == c.NO_DATA
+                ):  # the head of the queue is answered
                     if queue[0][0] in _ANSWERED_BY_ACK:
                         queue.popleft()
                     else:
                         self.desynchronized += 1
-                elif mtype == 0x54:  # RowDescription
+                elif mtype == c.ROW_DESCRIPTION:
                     self._row_description(data[start:end] if end - start <= _SERVER_LIMIT else None)
-                elif mtype == 0x49 or mtype == 0x73:  # EmptyQueryResponse, PortalSuspended
-                    self._complete(now, None, suspended=mtype == 0x73)
-                elif mtype == 0x74:  # ParameterDescription
+                elif mtype == c.EMPTY_QUERY_RESPONSE or mtype == c.PORTAL_SUSPENDED:
+                    self._complete(now, None, suspended=mtype == c.PORTAL_SUSPENDED)
+                elif mtype == c.PARAMETER_DESCRIPTION:
                     kind, item = queue[0]
                     if kind is _DESCRIBE and isinstance(item, _Prepared):
                         item.param_types = m.ParameterDescription.decode(data[start:end]).type_oids
-                elif mtype == 0x47 or mtype == 0x48 or mtype == 0x57:  # COPY begins
+                elif (
+                    mtype == c.COPY_IN_RESPONSE
+                    or mtype == c.COPY_OUT_RESPONSE
+                    or mtype == c.COPY_BOTH_RESPONSE
+                ):
                     self._running()
             except Exception:  # what one message says must not stop the reading
                 self._failed(mtype)
@@ -507,11 +412,11 @@ class StatementTracker:
         """A reply too large to inspect (a DataRow was counted when its header came)."""
         if not self._queue:
             return
-        if mtype == 0x45:
+        if mtype == c.ERROR_RESPONSE:
             self._error(now, "")
-        elif mtype == 0x43:
+        elif mtype == c.COMMAND_COMPLETE:
             self._complete(now, None)
-        elif mtype == 0x54:
+        elif mtype == c.ROW_DESCRIPTION:
             self._row_description(None)
 
     def _row_description(self, body: bytes | None) -> None:
@@ -684,18 +589,12 @@ class StatementTracker:
         self._done.clear()
 
 
-def _length(data: bytes, pos: int) -> int:
-    """The length field of the message whose header starts at `pos` (compiled, this is
-    several times cheaper than a struct call)."""
-    return data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-
-
 def _message_end(data: bytes, pos: int, size: int) -> int:
     """Where the message whose header starts at `pos` ends, or -1 when it does not end
     within `size`: what both walks ask of every message."""
     if size - pos < 5:
         return -1
-    length = _length(data, pos)
+    length = c.message_length(data, pos)
     if length < 4:  # larger than allowed: the decoder it is handed to says so
         raise ProtocolViolation(f"invalid length {length} for message type {data[pos]:#04x}")
     end = pos + 1 + length
@@ -705,22 +604,3 @@ def _message_end(data: bytes, pos: int, size: int) -> int:
 def _whole(mtype: int, body: memoryview | None) -> bytes:
     """A message put back together by a FrameDecoder, as it was on the wire."""
     return m.frame(bytes((mtype,)), bytes(body) if body is not None else b"")
-
-
-def _with_formats(columns: tuple[m.Column, ...], formats: tuple[int, ...]) -> tuple[m.Column, ...]:
-    """Columns as a Bind's result format codes deliver them (none: text, one: all)."""
-    if len(formats) > 1 and len(formats) != len(columns):
-        raise ValueError("result format codes do not match the columns")
-    return tuple(
-        replace(c, format=formats[i] if len(formats) > 1 else formats[0] if formats else 0)
-        for i, c in enumerate(columns)
-    )
-
-
-def _bind_params(raw: bytes) -> tuple[tuple[bytes | None, int], ...] | None:
-    """(value, format code) of each parameter of a Bind body, or None if it is malformed."""
-    try:
-        bind = m.Bind.decode(raw)
-    except ValueError:
-        return None
-    return tuple((v, bind.param_format(i)) for i, v in enumerate(bind.params))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from proxy.pgcluster import LocalCluster, free_port
-from proxy.report import format_advice
+from proxy.tools.pgcluster import LocalCluster, free_port
+from proxy.tools.report import format_advice
 
 __all__ = ["run_demo"]
 

@@ -1,0 +1,1 @@
+"""Round trips, the statement tracker and its events: which reply belongs to which statement."""
