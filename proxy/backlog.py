@@ -6,7 +6,8 @@ cores: measured under pgbench, that costs 1.5 to 4 times what the same code cost
 tight loop. Queued (a reference to the chunk, no copy) and run in batches, the same work
 stays warm. A batch runs once `max_chunks` chunks or `max_bytes` bytes are waiting, or
 `delay` seconds after the first one arrived, so advice and metrics lag by at most that;
-whoever reads them (/metrics, /advice, /fingerprints, a session's end) flushes first.
+whoever reads them all (/metrics, /advice, /fingerprints) flushes first; a session that
+needs its own analysis current (its round trips, at its end) catches up on its own chunks.
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ class Backlog:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.delay, self.flush)
+
+    def catch_up(self, inspector: Reader) -> None:
+        """Analyses the chunks waiting for `inspector` alone, in order; the others wait."""
+        items = self._items
+        mine = [item for item in items if item[0] is inspector]
+        if not mine:
+            return
+        self._items = [item for item in items if item[0] is not inspector]
+        self._bytes -= sum(len(item[2]) for item in mine)
+        for _, from_client, data, now in mine:
+            if from_client:
+                inspector.client(data, now)
+            else:
+                inspector.server(data, now)
 
     def flush(self) -> None:
         """Analyses everything waiting, in the order it was relayed."""

@@ -81,7 +81,7 @@ class Inspector:
         if tracker is not None:
             try:
                 tracker.client(data, now)
-            except Exception as exc:  # the relay reads this side too, and saw it first
+            except Exception as exc:
                 self._tracker_failed(exc)
 
     def server(self, data: bytes, now: float) -> None:
@@ -93,8 +93,12 @@ class Inspector:
             except Exception as exc:
                 self._tracker_failed(exc)
 
+    def catch_up(self) -> None:
+        """Analyses this session's chunks still queued, and only those."""
+        self.backlog.catch_up(self)
+
     def close(self) -> None:
-        self.backlog.flush()  # this session's chunks may still be waiting
+        self.catch_up()  # this session's chunks may still be waiting
         self.tracker = None  # whatever else is queued for it comes too late
         self._books_lost = None
         for detector in list(self.detectors):

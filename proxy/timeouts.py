@@ -20,7 +20,7 @@ from proxy.config import TimeoutSettings
 from proxy.protocol.messages import ErrorResponse
 from proxy.tracking.events import Running, StatementEvent
 
-__all__ = ["Limit", "TimeoutGuard", "TimeoutPolicy", "rewrite_cancel"]
+__all__ = ["Limit", "Scheduler", "TimeoutGuard", "TimeoutPolicy", "rewrite_cancel"]
 
 _CACHE_SIZE = 4096
 _TX_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "PREPARE TRANSACTION")

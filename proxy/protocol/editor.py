@@ -10,10 +10,17 @@ way to the server (rules) and errors on their way back (timeouts, blocks).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from proxy.protocol import codes as c
 
-__all__ = ["ErrorEditor", "MessageEditor", "StatementEditor", "flush_after_executes"]
+__all__ = [
+    "ErrorEditor",
+    "FlushInserter",
+    "MessageEditor",
+    "StatementEditor",
+    "flush_after_executes",
+]
 
 
 class MessageEditor:
@@ -106,8 +113,8 @@ class StatementEditor(MessageEditor):
         super().__init__(bytes((c.QUERY, c.PARSE)), edit, header_sent=header_sent, passing=passing)
 
 
-_FLUSH = bytes((c.FLUSH, 0, 0, 0, 4))
-_SYNC_OR_FLUSH = (c.SYNC, c.FLUSH)
+_FLUSH: Final = bytes((c.FLUSH, 0, 0, 0, 4))
+_SYNC_OR_FLUSH: Final = (c.SYNC, c.FLUSH)
 
 
 def flush_after_executes(data: bytes, start: int = 0) -> bytes:
@@ -116,10 +123,16 @@ def flush_after_executes(data: bytes, start: int = 0) -> bytes:
 
     PostgreSQL holds the replies of pipelined statements until a Sync or Flush, so without
     this pgwarden could not see when one statement ends and the next begins, and could
-    not time them one by one. Flush has no reply: the client sees no difference.
+    not time them one by one. Flush has no reply: the client sees no difference. An
+    Execute that ends the chunk gets one too: what follows it is not known yet.
     """
+    return _insert_flushes(data, start)[0]
+
+
+def _insert_flushes(data: bytes, pos: int) -> tuple[bytes, int]:
+    """`flush_after_executes`, and where the message the chunk ends inside begins."""
     parts: list[bytes] = []
-    pos, last = start, 0
+    last = 0
     size = len(data)
     while pos + c.HEADER_SIZE <= size:
         end = pos + 1 + c.message_length(data, pos)
@@ -131,6 +144,53 @@ def flush_after_executes(data: bytes, start: int = 0) -> bytes:
             last = end
         pos = end
     if not parts:
-        return data
+        return data, pos
     parts.append(data[last:])
-    return b"".join(parts)
+    return b"".join(parts), pos
+
+
+class FlushInserter:
+    """`flush_after_executes` over a stream cut into chunks anywhere: it remembers where
+    the message a chunk ends in stops, so the next chunk's first header is found (and an
+    Execute that a chunk completes gets its Flush too)."""
+
+    __slots__ = ("_execute", "_header", "_passing")
+
+    def __init__(self, *, header_sent: bytes = b"", passing: int = 0) -> None:
+        """Starts mid-stream when asked, as `FrameDecoder.remaining()` tells it: a
+        message whose header was not seen is taken for one that is no Execute."""
+        self._header = bytearray(header_sent)  # the start of a header seen, not its end
+        self._passing = passing  # bytes of the current message still to come
+        self._execute = False  # the current message is an Execute
+
+    def feed(self, data: bytes) -> bytes:
+        size = len(data)
+        pos = 0
+        if self._header:  # complete a header the last chunk began
+            pos = min(c.HEADER_SIZE - len(self._header), size)
+            self._header += data[:pos]
+            if len(self._header) < c.HEADER_SIZE:
+                return data
+            self._execute = self._header[0] == c.EXECUTE
+            self._passing = c.message_length(self._header, 0) - 4
+            self._header.clear()
+        head = b""
+        if self._passing or self._execute:  # the end of a message an earlier chunk began
+            take = min(self._passing, size - pos)
+            pos += take
+            self._passing -= take
+            if self._passing:
+                return data
+            if self._execute and (pos >= size or data[pos] not in _SYNC_OR_FLUSH):
+                head = data[:pos] + _FLUSH
+            self._execute = False
+        out, tail = _insert_flushes(data, pos)
+        if head:
+            out = head + out[pos:]
+        if tail < size:  # a message continues in the next chunk
+            if size - tail < c.HEADER_SIZE:
+                self._header += data[tail:]
+            else:
+                self._passing = tail + 1 + c.message_length(data, tail) - size
+                self._execute = data[tail] == c.EXECUTE
+        return out

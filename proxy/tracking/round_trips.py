@@ -3,9 +3,9 @@
 A round trip opens with a Query, Sync or FunctionCall and closes with the ReadyForQuery
 it earns; extended-protocol messages sent without a Sync yet also count as work in
 flight. Drain, client-disconnect cancellation and transaction metrics rest on this
-bookkeeping. The client side is always read as it is relayed; the server side either
-too, or (when analysis reads the server stream anyway) by the StatementTracker, later,
-through `ready()` and `fatal()`.
+bookkeeping. The client side is read by the relay as it passes. The server side has one
+reader per session (proxy/session/relay.py says which): the StatementTracker when analysis
+runs, else the relay's own framing; either reports through `server()` or `ready()`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class RoundTrips:
         "awaiting",
         "fatal_seen",
         "on_transaction_end",
+        "readies",
         "status",
         "terminated",
         "transaction_started",
@@ -48,6 +49,7 @@ class RoundTrips:
         self.fatal_seen = False  # the server sent a FATAL or PANIC error
         self.transaction_started = 0.0  # when the open transaction began (perf_counter)
         self.on_transaction_end = on_transaction_end  # told each transaction's duration
+        self.readies = 0  # ReadyForQuery messages seen: a change tells a round trip ended
 
     def client(self, frames: list[tuple[int, memoryview | None]]) -> None:
         for mtype, _ in frames:
@@ -75,6 +77,7 @@ class RoundTrips:
         """A ReadyForQuery with `status` arrived at `now` (0: just now)."""
         before = self.status
         self.status = status
+        self.readies += 1
         if self.awaiting:
             self.awaiting -= 1
         if status != before:
