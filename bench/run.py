@@ -183,9 +183,15 @@ def _stop_pgbouncer(proc: subprocess.Popen[bytes], pidfile: Path) -> None:
 
 
 def start_pgwarden(
-    stack: contextlib.ExitStack, name: str, config: dict[str, Any], pg_port: int, workdir: Path
+    stack: contextlib.ExitStack,
+    name: str,
+    config: dict[str, Any],
+    pg_port: int,
+    workdir: Path,
+    checkout: Path = ROOT,
 ) -> Target:
-    """Run `python -m proxy run` on free ports; the config's addresses are always ours."""
+    """Run `python -m proxy run` on free ports; the config's addresses are always ours.
+    `checkout` is the tree whose pgwarden runs, with its own .venv (this one by default)."""
     port = free_port()
     config = deep_merge(
         config,
@@ -201,8 +207,8 @@ def start_pgwarden(
     with log.open("wb") as out:
         # A session of its own, so Ctrl-C reaches only us and we stop it in order.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
-            cwd=ROOT,
+            [_python(checkout), "-m", "proxy", "run", "--config", str(config_path)],
+            cwd=checkout,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -515,6 +521,27 @@ def _csv(allowed: tuple[str, ...] | None = None) -> Callable[[str], list[Any]]:
     return parse
 
 
+def _python(checkout: Path) -> str:
+    return sys.executable if checkout == ROOT else str(checkout / ".venv" / "bin" / "python")
+
+
+def _checkout(text: str) -> tuple[str, Path, Path | None]:
+    name, sep, rest = text.partition("=")
+    tree, _, config = rest.partition(":")
+    path = Path(tree).resolve()
+    if (
+        not sep
+        or not name
+        or name in TARGETS
+        or not Path(_python(path)).is_file()
+        or (config and not Path(config).is_file())
+    ):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=DIR[:YAMLFILE], DIR a checkout with its .venv, got {text!r}"
+        )
+    return name, path, Path(config) if config else None
+
+
 def _variant(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name or name in TARGETS or not Path(path).is_file():
@@ -546,14 +573,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=YAMLFILE",
         help="another pgwarden target whose config also merges this file (repeatable)",
     )
+    parser.add_argument(
+        "--checkout",
+        type=_checkout,
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:YAMLFILE]",
+        help="another pgwarden target run from another checkout (its .venv, e.g. a worktree "
+        "of an earlier commit), its config merging YAMLFILE if given (repeatable)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     quick = args.quick
     args.duration = args.duration or (3.0 if quick else 15.0)
     args.rounds = args.rounds or (1 if quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
-    if len({name for name, _ in args.variant}) != len(args.variant):
-        parser.error("variant names must differ")
+    names = [name for name, _ in args.variant] + [name for name, _, _ in args.checkout]
+    if len(set(names)) != len(names):
+        parser.error("variant and checkout names must differ")
     return args
 
 
@@ -578,8 +615,13 @@ def main(argv: list[str] | None = None) -> int:
     base = deep_merge({"logging": {"format": "json", "level": "warning"}}, base)
     configs = {"pgwarden": base} if "pgwarden" in args.targets else {}
     configs |= {name: deep_merge(base, _load_yaml(path)) for name, path in args.variant}
+    configs |= {
+        name: deep_merge(base, _load_yaml(path)) if path else base
+        for name, _, path in args.checkout
+    }
     pgbouncer = find_pgbouncer() if "pgbouncer" in args.targets else None
-    per_run = len(args.modes) * len(args.clients) * (len(args.targets) + len(args.variant))
+    extra = len(args.variant) + len(args.checkout)
+    per_run = len(args.modes) * len(args.clients) * (len(args.targets) + extra)
     minutes = per_run * args.rounds * (args.duration + 1) / 60
     print(
         f"{per_run * args.rounds} runs of {args.duration:g} s: ~{minutes:.1f} min", file=sys.stderr
@@ -612,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(start_pgwarden(stack, name, configs[name], cluster.port, workdir))
         for name, _ in args.variant:
             targets.append(start_pgwarden(stack, name, configs[name], cluster.port, workdir))
+        for name, tree, _ in args.checkout:
+            targets.append(
+                start_pgwarden(stack, name, configs[name], cluster.port, workdir, checkout=tree)
+            )
 
         postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
         bench = Bench(pgbench, postmaster, cluster.superuser)

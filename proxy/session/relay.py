@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from proxy.inspector import Inspector
@@ -170,9 +171,8 @@ class Relay:
     def _defer(self) -> None:
         inspector = self.inspector
         assert inspector is not None
-        backlog = inspector.backlog
-        self._feed_client = lambda data, now: backlog.add(inspector, True, data, now)
-        self._feed_server = lambda data, now: backlog.add(inspector, False, data, now)
+        self._feed_client = partial(inspector.backlog.add, inspector, True)
+        self._feed_server = partial(inspector.backlog.add, inspector, False)
         self.mode = "deferred"
 
     def _realtime(self) -> None:
