@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,23 @@ def test_analysis_benchmark_attributes_every_transaction(mode: str) -> None:
     )
     assert found is not None, result.stdout
     assert float(found.group(1)) > 0
+
+
+def test_checkout_targets_name_another_tree_with_its_own_venv(tmp_path: Path) -> None:
+    """`--checkout NAME=DIR[:YAML]` runs DIR's pgwarden; a tree without a .venv is refused."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.pop(0)
+    variant = tmp_path / "off.yaml"
+    variant.write_text("analysis: {enabled: false}\n")
+    args = bench_run.parse_args(
+        ["--checkout", f"before={REPO_ROOT}", "--checkout", f"before-off={REPO_ROOT}:{variant}"]
+    )
+    assert args.checkout == [("before", REPO_ROOT, None), ("before-off", REPO_ROOT, variant)]
+    assert bench_run._python(REPO_ROOT) == sys.executable
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--checkout", f"x={tmp_path}"])  # no .venv there
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--checkout", f"pgwarden={REPO_ROOT}"])  # a built-in target
