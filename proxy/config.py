@@ -3,13 +3,17 @@
 Each section is a frozen dataclass; the loader walks the YAML against the dataclass fields,
 so an unknown key or a bad value fails at load with the dotted key and what was expected.
 Settings are swapped in whole on reload, never edited in place.
+
+Features that own their options declare them where they live, and this module only
+assembles them: each detector its own options dataclass (the `detectors:` section is built
+from the registry, proxy.detectors.DETECTORS), rewrite and block rules their entries and
+checks (proxy.rewriters.rules). Those modules never import this one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -19,9 +23,16 @@ from typing import Any
 
 import yaml
 
+from proxy.detectors import DETECTORS, DetectorOptions
+from proxy.durations import Duration, parse_duration
+from proxy.rewriters.rules import BlockRule, RewriteRule, RuleMatch, check_rules
+
 __all__ = [
     "Address",
+    "BlockRule",
     "ConfigError",
+    "RewriteRule",
+    "RuleMatch",
     "Settings",
     "deep_merge",
     "load_settings",
@@ -42,31 +53,6 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class Duration(float):
-    """Seconds, written in YAML as `500ms`, `5s`, `2m`, `1h` or a bare number of seconds."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(value: object) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 5s, 2m or a number of seconds")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(
-                f"expected a duration such as 500ms, 5s, 2m or a number of seconds, got {value!r}"
-            )
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    return Duration(seconds)
 
 
 def parse_address(value: object, default_port: int | None = None) -> Address:
@@ -147,42 +133,24 @@ class AnalysisSettings:
 
 
 @dataclass(frozen=True)
-class NPlusOneSettings:
-    enabled: bool = True
-    min_repeats: int = field(default=5, metadata={"minimum": 2})
-
-
-@dataclass(frozen=True)
-class InsertLoopSettings:
-    enabled: bool = True
-    min_repeats: int = field(default=10, metadata={"minimum": 2})
-
-
-@dataclass(frozen=True)
 class MetricsSettings:
     max_fingerprints: int = field(default=200, metadata=_positive(maximum=10000))
 
 
-@dataclass(frozen=True)
-class SlowQuerySettings:
-    enabled: bool = True
-    threshold: Duration = Duration(1.0)
+def _detector_defaults() -> dict[str, DetectorOptions]:
+    return {rule: detector.options_type() for rule, detector in DETECTORS.items()}
 
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    n_plus_one: NPlusOneSettings = NPlusOneSettings()
-    insert_loop: InsertLoopSettings = InsertLoopSettings()
-    slow_query: SlowQuerySettings = SlowQuerySettings()
+    """The `detectors:` section: a block per registered rule, the fields of its detector's
+    `options_type` (proxy.detectors.DETECTORS), so a new rule adds its block by itself."""
 
-    def enabled(self) -> dict[str, dict[str, Any]]:
-        """Options of each enabled detector, by rule id."""
-        out = {}
-        for f in dataclasses.fields(self):
-            options = dataclasses.asdict(getattr(self, f.name))
-            if options.pop("enabled"):
-                out[f.name] = options
-        return out
+    rules: Mapping[str, DetectorOptions] = field(default_factory=_detector_defaults)
+
+    def enabled(self) -> dict[str, DetectorOptions]:
+        """The options of each enabled detector, by rule id (what build_detectors takes)."""
+        return {rule: options for rule, options in self.rules.items() if options.enabled}
 
 
 @dataclass(frozen=True)
@@ -220,35 +188,6 @@ class TimeoutSettings:
 
 
 @dataclass(frozen=True)
-class RuleMatch:
-    """What a rewrite or block rule applies to; every given field must match."""
-
-    fingerprint: str | None = None
-    statement: str | None = None  # normalized SQL, compared after normalizing both sides
-    command: str | None = None
-    without_where: bool | None = None  # UPDATE or DELETE with no WHERE clause
-    tables: tuple[str, ...] | None = None
-    user: str | None = None
-    database: str | None = None
-    application_name: str | None = None
-
-
-@dataclass(frozen=True)
-class RewriteRule:
-    name: str
-    match: RuleMatch = RuleMatch()
-    replace: str = ""
-    mode: str = field(default="enforce", metadata=_choice("enforce", "log"))
-
-
-@dataclass(frozen=True)
-class BlockRule:
-    name: str
-    match: RuleMatch = RuleMatch()
-    mode: str = field(default="enforce", metadata=_choice("enforce", "log"))
-
-
-@dataclass(frozen=True)
 class Settings:
     listen: Address = Address("127.0.0.1", 6432)
     upstream: UpstreamSettings = UpstreamSettings()
@@ -272,6 +211,8 @@ class Settings:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, DetectorSettings):  # written as its blocks, like the YAML
+        return {rule: _plain(options) for rule, options in value.rules.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, Address):
         return {
             f.name: _plain(getattr(value, f.name))
@@ -305,6 +246,8 @@ def _convert(annotation: Any, value: Any, meta: typing.Mapping[str, Any], key: s
     if section and annotation is not Address:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        if annotation is DetectorSettings:
+            return _build_detectors(value, key)
         return _build(annotation, value, key)
     try:
         if annotation is Address:
@@ -356,6 +299,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _build_detectors(data: dict[str, Any], prefix: str) -> DetectorSettings:
+    """Each rule's block validated against its detector's options dataclass; a rule left
+    out keeps that dataclass's defaults."""
+    rules = _detector_defaults()
+    for rule, value in data.items():
+        key = f"{prefix}.{rule}"
+        if rule not in rules:
+            raise ConfigError(f"{key}: unknown key (expected one of {', '.join(rules)})")
+        rules[rule] = _convert(DETECTORS[rule].options_type, value, {}, key)
+    return DetectorSettings(rules)
+
+
 def settings_from_dict(data: dict[str, Any] | None, *, source: str | None = None) -> Settings:
     settings = _build(Settings, data or {}, "")
     settings = dataclasses.replace(settings, source=source)
@@ -372,8 +327,6 @@ def _check(settings: Settings) -> None:
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{name}: no such file {path!r}")
     _check_timeouts(settings.timeouts)
-    from proxy.rewriters.rules import check_rules  # rules are parsed with pglast at load
-
     names: set[str] = set()  # rewrites and blocks share one namespace
     _check_names("rewrites", settings.rewrites, names)
     _check_names("blocks", settings.blocks, names)

@@ -9,14 +9,13 @@ side of its round trips (`keep_books`): then the session is told, and ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from proxy.advice import Advice, AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
-from proxy.detectors import DETECTORS, Detector, SessionIdentity
+from proxy.detectors import Detector, DetectorOptions, SessionIdentity, build_detectors
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.framing import ProtocolViolation
@@ -36,7 +35,7 @@ class Analysis:
     analyzer: Analyzer
     sink: AdviceSink
     metrics: Metrics
-    detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    detectors: Mapping[str, DetectorOptions] = field(default_factory=dict)
     backlog: Backlog = field(default_factory=Backlog)
 
 
@@ -58,9 +57,7 @@ class Inspector:
             analysis.analyzer, self._statements, client_at=client_at, server_at=server_at
         )
         self._books_lost: Callable[[Exception], None] | None = None
-        self.detectors: list[Detector] = [
-            DETECTORS[rule](options, identity) for rule, options in analysis.detectors.items()
-        ]
+        self.detectors: list[Detector] = build_detectors(analysis.detectors, identity)
 
     def keep_books(
         self, books: RoundTrips | None, lost: Callable[[Exception], None] | None = None

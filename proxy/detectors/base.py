@@ -3,28 +3,42 @@
 A detector instance belongs to one client session: it sees that session's finished
 statements in order and may return advice, and is told when the session ends so it can
 report a burst still open. It keeps only bounded state and never touches I/O.
+
+Its options are a frozen dataclass of its own (`options_type`): the config's
+`detectors.RULE` block is validated against that dataclass's fields, defaults and
+metadata, so a rule declares its options once, here, and config needs nothing added.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 from proxy.advice import Advice
 from proxy.analysis.matching import SessionIdentity
 from proxy.tracking.events import StatementEvent
 
-__all__ = ["NO_ADVICE", "Detector", "SessionIdentity"]
+__all__ = ["NO_ADVICE", "Detector", "DetectorOptions", "SessionIdentity"]
 
 NO_ADVICE: Final[tuple[Advice, ...]] = ()  # what nearly every observe() returns: nothing to build
 
 
+@dataclass(frozen=True)
+class DetectorOptions:
+    """What every rule's options have; a rule's own options subclass it, each field with
+    its default and, as `field(metadata=...)`, the `minimum`/`maximum`/`choices` config
+    enforces (a `Duration` field is written as 500ms, 5s...)."""
+
+    enabled: bool = True
+
+
 class Detector:
     rule: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
+    options_type: ClassVar[type[DetectorOptions]] = DetectorOptions
 
-    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
-        self.options = {**self.defaults, **options}
+    def __init__(self, options: DetectorOptions, identity: SessionIdentity) -> None:
+        """`options` is an `options_type`; a subclass takes it typed as its own."""
         self.identity = identity
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.rewriters.batching import multirow_insert_sql
 from proxy.tracking.events import StatementEvent
 
-__all__ = ["InsertLoop"]
+__all__ = ["InsertLoop", "InsertLoopOptions"]
+
+
+@dataclass(frozen=True)
+class InsertLoopOptions(DetectorOptions):
+    min_repeats: int = field(default=10, metadata={"minimum": 2})
 
 
 class InsertLoop(Detector):
     rule: ClassVar[str] = "insert_loop"
-    defaults: ClassVar[dict[str, Any]] = {"min_repeats": 10}
+    options_type: ClassVar[type[DetectorOptions]] = InsertLoopOptions
 
-    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+    def __init__(self, options: InsertLoopOptions, identity: SessionIdentity) -> None:
         super().__init__(options, identity)
-        self.min_repeats = int(self.options["min_repeats"])
+        self.min_repeats = options.min_repeats
         self._bursts: Bursts[Burst] = Bursts(Burst)
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, ClassVar, Final
+from dataclasses import dataclass, field
+from typing import ClassVar, Final
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.detectors.values import canonical, literal_text
 from proxy.rewriters.batching import batched_lookup_sql
 from proxy.tracking.events import ResultSample, StatementEvent
 
-__all__ = ["NPlusOne"]
+__all__ = ["NPlusOne", "NPlusOneOptions"]
 
 _MAX_SOURCES: Final = 16  # latest multi-row result of this many fingerprints kept as sources
 _MAX_DISTINCT: Final = 10_000
@@ -60,13 +61,18 @@ class _LookupBurst(Burst):
         self.matches: dict[tuple[str, str, str, int], int] = {}
 
 
+@dataclass(frozen=True)
+class NPlusOneOptions(DetectorOptions):
+    min_repeats: int = field(default=5, metadata={"minimum": 2})
+
+
 class NPlusOne(Detector):
     rule: ClassVar[str] = "n_plus_one"
-    defaults: ClassVar[dict[str, Any]] = {"min_repeats": 5}
+    options_type: ClassVar[type[DetectorOptions]] = NPlusOneOptions
 
-    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+    def __init__(self, options: NPlusOneOptions, identity: SessionIdentity) -> None:
         super().__init__(options, identity)
-        self.min_repeats = int(self.options["min_repeats"])
+        self.min_repeats = options.min_repeats
         self._bursts: Bursts[_LookupBurst] = Bursts(_LookupBurst)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
 

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, SessionIdentity
+from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.durations import Duration
 from proxy.tracking.events import StatementEvent
 
-__all__ = ["SlowQuery"]
+__all__ = ["SlowQuery", "SlowQueryOptions"]
+
+
+@dataclass(frozen=True)
+class SlowQueryOptions(DetectorOptions):
+    threshold: Duration = Duration(1.0)
 
 
 class SlowQuery(Detector):
     rule: ClassVar[str] = "slow_query"
-    defaults: ClassVar[dict[str, Any]] = {"threshold": 1.0}
+    options_type: ClassVar[type[DetectorOptions]] = SlowQueryOptions
 
-    def __init__(self, options: dict[str, Any], identity: SessionIdentity) -> None:
+    def __init__(self, options: SlowQueryOptions, identity: SessionIdentity) -> None:
         super().__init__(options, identity)
-        self.threshold = float(self.options["threshold"])
+        self.threshold = float(options.threshold)  # a plain float: compared on every statement
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         # A cancelled statement (57014) is the timeout's business, not slow-query advice.

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from pglast import ast, parse_sql, parser
 from pglast.stream import RawStream
@@ -23,13 +22,13 @@ from pglast.visitors import Visitor
 from proxy.analysis.analyzer import StatementInfo, extract_literals, split_statements
 from proxy.analysis.matching import SessionIdentity, statement_matches
 
-if TYPE_CHECKING:
-    from proxy.config import BlockRule, RewriteRule
-
 __all__ = [
     "BLOCK_MARKER",
+    "BlockRule",
     "Decision",
+    "RewriteRule",
     "RuleEngine",
+    "RuleMatch",
     "check_rules",
     "fill_literals",
     "rewrite_statements",
@@ -40,6 +39,40 @@ _CACHE_SIZE = 4096
 # SQL PostgreSQL refuses with a syntax error whose message names this token; one for the
 # process, so a block sent before a reload is still recognised when its error comes back
 BLOCK_MARKER = f"pgwarden_blocked_{secrets.token_hex(6)}"
+
+
+# The `rewrites:` and `blocks:` entries of the config: proxy.config loads them against these
+# fields (metadata as in its own sections) and checks them with check_rules at load.
+_MODE = {"choices": ("enforce", "log")}
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """What a rewrite or block rule applies to; every given field must match."""
+
+    fingerprint: str | None = None
+    statement: str | None = None  # normalized SQL, compared after normalizing both sides
+    command: str | None = None
+    without_where: bool | None = None  # UPDATE or DELETE with no WHERE clause
+    tables: tuple[str, ...] | None = None
+    user: str | None = None
+    database: str | None = None
+    application_name: str | None = None
+
+
+@dataclass(frozen=True)
+class RewriteRule:
+    name: str
+    match: RuleMatch = RuleMatch()
+    replace: str = ""
+    mode: str = field(default="enforce", metadata=_MODE)
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    name: str
+    match: RuleMatch = RuleMatch()
+    mode: str = field(default="enforce", metadata=_MODE)
 
 
 @dataclass(frozen=True, slots=True)
