@@ -29,6 +29,7 @@ $(NATIVE): $(STAMP) $(wildcard proxy/*.py proxy/*/*.py)
 test: $(NATIVE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy proxy
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 	PGWARDEN_PURE=1 $(BIN)/pytest -q $(PURE_TESTS)
 
@@ -41,6 +42,7 @@ bench: $(NATIVE)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy proxy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

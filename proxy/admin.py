@@ -1,7 +1,8 @@
-"""The admin HTTP server: /metrics, /healthz, /readyz, in pgwarden's own event loop.
+"""The admin HTTP server, in pgwarden's own event loop, and its /metrics, /healthz, /readyz.
 
 A deliberately small HTTP/1.1 responder (GET only, one request per connection) so the
-proxy needs no web framework; it is not on the relay path.
+proxy needs no web framework; it is not on the relay path. It serves the routes it is
+given and knows nothing of the proxy: the server wires each endpoint to what it reads.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE,
 )
@@ -21,10 +21,15 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from proxy.config import Address
 from proxy.logs import get_logger
 
-if TYPE_CHECKING:
-    from proxy.server import ProxyServer
-
-__all__ = ["AdminServer", "Response"]
+__all__ = [
+    "AdminServer",
+    "Handler",
+    "Response",
+    "healthz",
+    "json_response",
+    "metrics_endpoint",
+    "readiness_endpoint",
+]
 
 log = get_logger("pgwarden.admin")
 
@@ -39,19 +44,41 @@ def json_response(status: int, payload: object) -> Response:
     return status, "application/json", json.dumps(payload).encode()
 
 
-class AdminServer:
-    def __init__(self, proxy: ProxyServer) -> None:
-        self.proxy = proxy
-        self.routes: dict[str, Handler] = {
-            "/metrics": self._metrics,
-            "/healthz": self._healthz,
-            "/readyz": self._readyz,
-        }
-        self._server: asyncio.Server | None = None
+def metrics_endpoint(registry: CollectorRegistry, before_read: Callable[[], None]) -> Handler:
+    """/metrics, in the format the scraper accepts; `before_read` brings the counters up
+    to date first (statements relayed but not yet counted)."""
 
-    def route(self, path: str, handler: Handler) -> None:
-        """Lets later features (advice, fingerprints) add their own endpoints."""
-        self.routes[path] = handler
+    async def handler(headers: dict[str, str]) -> Response:
+        before_read()
+        if "application/openmetrics-text" in headers.get("accept", ""):
+            return 200, OPENMETRICS_CONTENT_TYPE, generate_openmetrics(registry)
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+    return handler
+
+
+async def healthz(headers: dict[str, str]) -> Response:
+    return 200, "text/plain", b"ok\n"
+
+
+def readiness_endpoint(unready: Callable[[], Awaitable[str | None]]) -> Handler:
+    """/readyz: 200, or 503 with the reason `unready` gives for not taking traffic."""
+
+    async def handler(headers: dict[str, str]) -> Response:
+        reason = await unready()
+        if reason is not None:
+            return json_response(503, {"ready": False, "reason": reason})
+        return json_response(200, {"ready": True})
+
+    return handler
+
+
+class AdminServer:
+    """Serves a fixed table of GET routes; anything else is a 404 or 405."""
+
+    def __init__(self, routes: Mapping[str, Handler]) -> None:
+        self._routes = dict(routes)
+        self._server: asyncio.Server | None = None
 
     async def start(self, address: Address) -> None:
         self._server = await asyncio.start_server(
@@ -77,7 +104,7 @@ class AdminServer:
                 if sep:
                     headers[name.strip().lower()] = value.strip()
             path = target.split("?", 1)[0]
-            handler = self.routes.get(path)
+            handler = self._routes.get(path)
             if method not in ("GET", "HEAD"):
                 status, ctype, body = 405, "text/plain", b"method not allowed\n"
             elif handler is None:
@@ -101,20 +128,3 @@ class AdminServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-
-    async def _metrics(self, headers: dict[str, str]) -> Response:
-        self.proxy.backlog.flush()  # statements relayed but not yet counted
-        registry = self.proxy.metrics.registry
-        if "application/openmetrics-text" in headers.get("accept", ""):
-            return 200, OPENMETRICS_CONTENT_TYPE, generate_openmetrics(registry)
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-
-    async def _healthz(self, headers: dict[str, str]) -> Response:
-        return 200, "text/plain", b"ok\n"
-
-    async def _readyz(self, headers: dict[str, str]) -> Response:
-        if self.proxy.draining:
-            return json_response(503, {"ready": False, "reason": "draining"})
-        if not await self.proxy.upstream_answers():
-            return json_response(503, {"ready": False, "reason": "upstream unreachable"})
-        return json_response(200, {"ready": True})

@@ -7,7 +7,7 @@ plain method call and no label lookup.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -20,7 +20,6 @@ from proxy.fingerprints import FingerprintStats
 if TYPE_CHECKING:
     from proxy.advice import Advice
     from proxy.analysis.analyzer import Analyzer
-    from proxy.session import Session
     from proxy.tracking.events import StatementEvent
 
 __all__ = ["Metrics"]
@@ -146,7 +145,7 @@ class Metrics:
         # and summed at scrape time with the totals of sessions already closed.
         self.closed_bytes_in = 0
         self.closed_bytes_out = 0
-        self._live: Callable[[], Iterable[Session]] = tuple
+        self._open_traffic: Callable[[], tuple[int, int]] = _no_traffic
         r.register(_BytesCollector(self))
         self.connection_duration = Histogram(
             "pgwarden_client_connection_duration_seconds",
@@ -248,19 +247,22 @@ class Metrics:
     def record_advice(self, advice: Advice) -> None:
         self._advice.labels(advice.rule, advice.severity).inc()
 
-    def watch_sessions(self, live: Callable[[], Iterable[Session]]) -> None:
-        self._live = live
+    def watch_traffic(self, open_traffic: Callable[[], tuple[int, int]]) -> None:
+        """`open_traffic` gives the bytes (in, out) open connections relayed so far, as
+        plain numbers: what holds the connections stays out of this module."""
+        self._open_traffic = open_traffic
 
     def bytes_relayed(self) -> tuple[int, int]:
-        sessions = list(self._live())
-        return (
-            self.closed_bytes_in + sum(s.bytes_in for s in sessions),
-            self.closed_bytes_out + sum(s.bytes_out for s in sessions),
-        )
+        into, out = self._open_traffic()
+        return self.closed_bytes_in + into, self.closed_bytes_out + out
 
     def watch_analyzer(self, analyzer: Analyzer) -> None:
         """Exposes the statement cache's counters, read at scrape time."""
         self.registry.register(_AnalyzerCollector(analyzer))
+
+
+def _no_traffic() -> tuple[int, int]:
+    return 0, 0
 
 
 class _CommandStats:

@@ -10,7 +10,13 @@ import time
 from collections.abc import Callable
 
 from proxy import native, upstream
-from proxy.admin import AdminServer, json_response
+from proxy.admin import (
+    AdminServer,
+    healthz,
+    json_response,
+    metrics_endpoint,
+    readiness_endpoint,
+)
 from proxy.advice import AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
@@ -58,14 +64,20 @@ class ProxyServer:
         self.analyzer = Analyzer(settings.analysis.cache_size)
         self.backlog = Backlog()  # every session's chunks waiting for analysis
         self.metrics.watch_analyzer(self.analyzer)
-        self.metrics.watch_sessions(lambda: self.sessions)
+        self.metrics.watch_traffic(self._open_traffic)
         self.analysis: Analysis | None = None
         self.timeouts: TimeoutPolicy | None = None
         self.rules: RuleEngine | None = None
         self._configure_analysis(settings)
-        self._admin = AdminServer(self)
-        self._admin.route("/advice", self._advice)
-        self._admin.route("/fingerprints", self._fingerprints)
+        self._admin = AdminServer(
+            {
+                "/metrics": metrics_endpoint(self.metrics.registry, before_read=self.backlog.flush),
+                "/healthz": healthz,
+                "/readyz": readiness_endpoint(self._unready),
+                "/advice": self._advice,
+                "/fingerprints": self._fingerprints,
+            }
+        )
         self._cancels: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Future[None] | None = None
@@ -167,6 +179,8 @@ class ProxyServer:
             self.analyzer, self.sink, self.metrics, detectors, backlog=self.backlog
         )
 
+    # --------------------------------------------------------------- admin
+
     async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
         self.backlog.flush()
         return json_response(200, {"advice": self.sink.snapshot()})
@@ -174,6 +188,19 @@ class ProxyServer:
     async def _fingerprints(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
         self.backlog.flush()
         return json_response(200, {"fingerprints": self.metrics.fingerprints.snapshot()})
+
+    async def _unready(self) -> str | None:
+        """Why /readyz turns traffic away, if it does; a draining proxy does not even try
+        the upstream."""
+        if self.draining:
+            return "draining"
+        if not await self.upstream_answers():
+            return "upstream unreachable"
+        return None
+
+    def _open_traffic(self) -> tuple[int, int]:
+        """Bytes (in, out) the open sessions relayed, for pgwarden_bytes at scrape time."""
+        return sum(s.bytes_in for s in self.sessions), sum(s.bytes_out for s in self.sessions)
 
     # --------------------------------------------------------------- sessions
 
