@@ -40,21 +40,21 @@ class Analysis:
 
 
 class Inspector:
-    """One session's analysis. `client_at`/`server_at` say where each stream stands when
-    analysis starts, as `FrameDecoder.remaining()` of the relay's decoders tells it."""
+    """One session's analysis. `client_at` says where the client stream stands when
+    analysis starts, as `FrameDecoder.remaining()` of the relay's decoder tells it; the
+    server stream is taken at a message boundary."""
 
     def __init__(
         self,
         analysis: Analysis,
         identity: SessionIdentity,
         client_at: tuple[bytes, int] = (b"", 0),
-        server_at: tuple[bytes, int] = (b"", 0),
     ) -> None:
         self.analysis = analysis
         self.metrics = analysis.metrics
         self.backlog = analysis.backlog  # where the session queues chunks for later
         self.tracker: StatementTracker | None = StatementTracker(
-            analysis.analyzer, self._statements, client_at=client_at, server_at=server_at
+            analysis.analyzer, self._statements, client_at=client_at
         )
         self._books_lost: Callable[[Exception], None] | None = None
         self.detectors: list[Detector] = build_detectors(analysis.detectors, identity)

@@ -173,3 +173,14 @@ def test_copy_messages_do_not_open_round_trips(pb: Playbook) -> None:
     assert pb.rt.awaiting == 1
     pb.server(m.CommandComplete("COPY 1"), m.ReadyForQuery(b"I"))
     assert pb.rt.idle
+
+
+def test_a_query_pipelined_behind_the_startup_stays_owed(pb: Playbook) -> None:
+    """The ReadyForQuery that ends authentication answers the startup packet, not a
+    Query the client sent behind it: that one is still running, so not idle."""
+    pb.client(m.Query("select pg_sleep(1)"))
+    pb.rt.authenticated(b"I")
+    assert pb.rt.awaiting == 1
+    assert pb.rt.busy and not pb.rt.idle
+    pb.server(*ROWS, m.ReadyForQuery(b"I"))
+    assert pb.rt.idle

@@ -52,6 +52,7 @@ class MessageEditor:
         out: list[bytes | memoryview] = []
         view = memoryview(data)
         pos, size = 0, len(view)
+        edited = False  # bytes were held, carried over or edited: the output is not the chunk
         while pos < size:
             if self._passing:
                 take = min(self._passing, size - pos)
@@ -60,6 +61,7 @@ class MessageEditor:
                 pos += take
                 continue
             if self._held:
+                edited = True
                 take = min(self._held_need, size - pos)
                 self._held += view[pos : pos + take]
                 self._held_need -= take
@@ -68,10 +70,13 @@ class MessageEditor:
                     out.append(self.edit(bytes(self._held)))
                     self._held.clear()
                 continue
+            if self._header:  # a header an earlier chunk began goes out whole, from here
+                edited = True
             take = min(c.HEADER_SIZE - len(self._header), size - pos)
             self._header += view[pos : pos + take]
             pos += take
             if len(self._header) < c.HEADER_SIZE:
+                edited = True  # held until the next chunk
                 continue
             mtype = self._header[0]
             length = c.message_length(self._header, 0)
@@ -82,6 +87,7 @@ class MessageEditor:
                 self._header_sent = 0
                 self._passing = max(0, length - 4)
             elif mtype in self.types and 4 <= length <= self.max_held:
+                edited = True
                 self._held += header
                 self._held_need = length - 4
                 if not self._held_need:
@@ -90,8 +96,8 @@ class MessageEditor:
             else:
                 out.append(header)
                 self._passing = max(0, length - 4)
-        if len(out) == 1 and isinstance(out[0], memoryview) and len(out[0]) == size:
-            return data  # nothing held or edited: the chunk itself
+        if not edited:
+            return data  # passed on as it came: the chunk itself
         return b"".join(out)
 
 

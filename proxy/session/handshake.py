@@ -16,6 +16,7 @@ from proxy.protocol.startup import StartupPacket, read_startup_packet
 __all__ = ["AuthRelay", "StartupReader"]
 
 _AUTH_INTEREST = bytes([BODY]) * 256  # every message whole while authenticating
+_AUTH_LIMIT = 1 << 20  # no authentication message is larger
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 
 
@@ -57,50 +58,75 @@ class StartupReader:
 
 
 class AuthRelay:
-    """The server's side of authentication, message by message."""
+    """The server's side of authentication, message by message, read in place."""
 
-    __slots__ = ("backend_key", "failed", "frames")
+    __slots__ = ("backend_key", "failed", "frames", "max_length", "status")
 
     def __init__(self, max_message_size: int) -> None:
+        self.max_length = max_message_size
+        # only a message split across chunks is put back together here
         self.frames = FrameDecoder(
-            _AUTH_INTEREST, max_length=max_message_size, inspect_limit=1 << 20
+            _AUTH_INTEREST, max_length=max_message_size, inspect_limit=_AUTH_LIMIT
         )
         self.backend_key: tuple[int, bytes] | None = None
         self.failed = False  # the server sent an ErrorResponse: it will close
+        self.status: bytes | None = None  # of the first ReadyForQuery, once it passed
 
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, memoryview | None]] | None]:
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         """What to send the client for `data`, and once the first ReadyForQuery passed,
-        the frames from it on (for the round trips); None while authenticating.
+        the bytes of `data` after it (relayed as they are; the relay's reader takes the
+        stream from there, at a message boundary); None while authenticating.
 
         Raises ProtocolViolation for what no server sends here."""
-        frames = self.frames.feed(data)
         out: list[bytes] = []
-        for index, (mtype, body) in enumerate(frames):
-            if body is None:
-                raise ProtocolViolation("oversized message during authentication")
-            raw = m.frame(bytes((mtype,)), body)
-            if mtype == c.AUTHENTICATION:
-                raw = _strip_channel_binding(body) or raw
-            elif mtype == c.BACKEND_KEY_DATA:
-                try:
-                    key = m.BackendKeyData.decode(body)
-                except ValueError as exc:
-                    raise ProtocolViolation(str(exc)) from None
-                self.backend_key = (key.process_id, key.secret_key)
-            elif mtype == c.ERROR_RESPONSE:
-                self.failed = True
-            elif mtype == c.READY_FOR_QUERY:  # authenticated: relaying chunks from here
-                out.append(raw)
-                for later_type, later_body in frames[index + 1 :]:
-                    out.append(m.frame(bytes((later_type,)), later_body or b""))
-                return b"".join(out), frames[index:]
-            out.append(raw)
+        pos = 0
+        if not self.frames.at_boundary:  # first the end of a message an earlier chunk began
+            frames, pos = self.frames.finish(data)
+            for mtype, body in frames:
+                out.append(self._message(mtype, body, None))
+                if mtype == c.READY_FOR_QUERY:
+                    tail = data[pos:]
+                    return b"".join(out) + tail, tail
+        size = len(data)
+        while pos + c.HEADER_SIZE <= size:
+            length = c.message_length(data, pos)
+            if length < 4 or length > self.max_length:
+                raise ProtocolViolation(
+                    f"invalid length {length} for message type {data[pos]:#04x}"
+                )
+            end = pos + 1 + length
+            if end > size:
+                break
+            mtype = data[pos]
+            out.append(self._message(mtype, memoryview(data)[pos + 5 : end], data[pos:end]))
+            pos = end
+            if mtype == c.READY_FOR_QUERY:
+                tail = data[pos:]
+                return b"".join(out) + tail, tail
+        if pos < size:  # a message continues in the next chunk
+            for mtype, body in self.frames.feed(memoryview(data)[pos:]):
+                self._message(mtype, body, None)  # only an oversized one comes back now
         return b"".join(out), None
 
-    def held(self) -> bytes:
-        """The start of a message that the last chunk did not complete: once relaying in
-        chunks, it goes to the client as it is, and the rest flows raw."""
-        return self.frames.held
+    def _message(self, mtype: int, body: memoryview | None, raw: bytes | None) -> bytes:
+        """One whole message as the client gets it; `raw` is its bytes when at hand."""
+        if body is None or len(body) > _AUTH_LIMIT:
+            raise ProtocolViolation("oversized message during authentication")
+        if raw is None:
+            raw = m.frame(bytes((mtype,)), body)
+        if mtype == c.AUTHENTICATION:
+            return _strip_channel_binding(body) or raw
+        if mtype == c.BACKEND_KEY_DATA:
+            try:
+                key = m.BackendKeyData.decode(body)
+            except ValueError as exc:
+                raise ProtocolViolation(str(exc)) from None
+            self.backend_key = (key.process_id, key.secret_key)
+        elif mtype == c.ERROR_RESPONSE:
+            self.failed = True
+        elif mtype == c.READY_FOR_QUERY:
+            self.status = bytes(body[:1]) or b"I"
+        return raw
 
 
 def _strip_channel_binding(body: memoryview) -> bytes | None:

@@ -69,7 +69,8 @@ class SessionHook:
         return data
 
     def client_sent(self) -> None:
-        """A chunk holding whole messages reached the server and was tracked."""
+        """A client chunk reached the server and was tracked (it may have completed a
+        message, or only continued one)."""
 
     def server_error(self, raw: bytes) -> bytes | None:
         """An ErrorResponse (whole, header included) on its way to the client, while the

@@ -50,8 +50,8 @@ class RelayOwner(Protocol):
 
 
 class Relay:
-    """`client_frames` is the client stream's decoder as the handshake left it;
-    `server_at` where the server stream stands, as `FrameDecoder.remaining()` tells it."""
+    """`client_frames` is the client stream's decoder as the handshake left it; the server
+    stream is taken at a message boundary."""
 
     def __init__(
         self,
@@ -60,7 +60,6 @@ class Relay:
         server: asyncio.Transport,
         round_trips: RoundTrips,
         client_frames: FrameDecoder,
-        server_at: tuple[bytes, int],
         inspector: Inspector | None,
         max_message_size: int,
     ) -> None:
@@ -73,6 +72,7 @@ class Relay:
         self.hooks: list[SessionHook] = []
         self.errors: ErrorEditor | None = None  # hands ErrorResponses to the hooks
         self.mode = "plain"
+        self._readies = round_trips.readies  # ReadyForQuery messages the hooks were told of
         self._server_frames: FrameDecoder | None = None  # the plain mode's reader
         self._feed_client: Callable[[bytes, float], None] | None = None
         self._feed_server: Callable[[bytes, float], None] = self._read_server
@@ -80,7 +80,6 @@ class Relay:
             self._server_frames = FrameDecoder(
                 SERVER_INTEREST, inspect_limit=_SERVER_INSPECT_LIMIT, max_length=max_message_size
             )
-            self._server_frames.resume(*server_at)
         else:
             inspector.keep_books(round_trips, owner.books_lost)
             self._defer()
@@ -105,9 +104,8 @@ class Relay:
         feed = self._feed_client
         if feed is not None:  # analysis sees the statements as the application sent them
             feed(data, time.perf_counter())
-        if frames:
-            for hook in hooks:
-                hook.client_sent()
+        for hook in hooks:
+            hook.client_sent()
 
     def server_data(self, data: bytes) -> None:
         self.owner.bytes_out += len(data)
@@ -115,18 +113,9 @@ class Relay:
             data = self.errors.feed(data)
         if self.client is not None:
             self.client.write(data)
-        books = self.round_trips
-        readies = books.readies
-        try:
-            self._feed_server(data, time.perf_counter())
-        except ProtocolViolation as exc:
-            self.owner.protocol_violation("server", exc)
+        if not self.track_server(data):
             return
         hooks = self.hooks
-        if books.readies != readies:
-            idle = not books.awaiting and not books.unsynced
-            for hook in hooks:
-                hook.round_trip_end(books.status, idle)
         if self.owner.draining:
             self.owner.drain_if_idle()
         if hooks:
@@ -135,6 +124,23 @@ class Relay:
             errors = self.errors
             if errors is not None and errors.at_boundary and not self._errors_wanted():
                 self.errors = None
+
+    def track_server(self, data: bytes) -> bool:
+        """Hands server bytes relayed to the client to the server stream's reader, and
+        tells the hooks when a round trip ended; False when the bytes cannot be a
+        protocol-3 stream (the session is ending)."""
+        try:
+            self._feed_server(data, time.perf_counter())
+        except ProtocolViolation as exc:
+            self.owner.protocol_violation("server", exc)
+            return False
+        books = self.round_trips
+        if books.readies != self._readies:  # also those a catch-up read meanwhile
+            self._readies = books.readies
+            idle = not books.awaiting and not books.unsynced
+            for hook in self.hooks:
+                hook.round_trip_end(books.status, idle)
+        return True
 
     # ------------------------------------------------------------------ hooks
 

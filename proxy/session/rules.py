@@ -29,6 +29,10 @@ class RulesHook(SessionHook):
     rules to open sessions): the start of a header already passed on, and the rest of a
     message being passed on, as `FrameDecoder.remaining()` tells it."""
 
+    # each round trip's end must come as it passes: it drops the markers of blocks the
+    # server skipped (after an earlier error of their pipeline), which stops error editing
+    realtime = True
+
     def __init__(
         self,
         session: SessionControl,

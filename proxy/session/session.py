@@ -321,7 +321,7 @@ class Session(asyncio.Protocol):
     def _auth_server_data(self, data: bytes) -> None:
         auth = self._auth
         try:
-            out, after = auth.feed(data)
+            out, tail = auth.feed(data)
         except ProtocolViolation as exc:
             self.protocol_violation("server", exc)
             return
@@ -331,26 +331,20 @@ class Session(asyncio.Protocol):
         if out:
             self._write_client(out)
         self.bytes_out += len(data)
-        if after is not None:
-            self.round_trips.server(after)
-            self._become_ready()
+        if tail is not None and auth.status is not None:
+            self.round_trips.authenticated(auth.status)
+            self._become_ready(tail)
 
-    def _become_ready(self) -> None:
+    def _become_ready(self, tail: bytes) -> None:
+        """Authenticated: the relay takes over. `tail` is what followed the first
+        ReadyForQuery in its chunk, already sent to the client: the relay's reader of the
+        server stream starts with it, at a message boundary."""
         assert self.client is not None and self.server is not None
-        # A message split across the chunk boundary stays held by the handshake; its first
-        # part has not reached the client yet, so it goes now and the rest flows raw.
-        held = self._auth.held()
-        if held:
-            self._write_client(held)
-        server_at = self._auth.frames.remaining()
         analysis = self.host.analysis
         inspector = None
         if analysis is not None:
             inspector = Inspector(
-                analysis,
-                self.identity,
-                client_at=self._client_frames.remaining(),
-                server_at=server_at,
+                analysis, self.identity, client_at=self._client_frames.remaining()
             )
         relay = Relay(
             self,
@@ -358,7 +352,6 @@ class Session(asyncio.Protocol):
             self.server,
             self.round_trips,
             self._client_frames,
-            server_at,
             inspector,
             self.settings.limits.max_message_size,
         )
@@ -373,6 +366,8 @@ class Session(asyncio.Protocol):
                 relay.add_hook(
                     TimeoutHook(self, self.host.timeouts, self.metrics, loop.call_later, at)
                 )
+        if tail and not relay.track_server(tail):
+            return  # the server's bytes made no sense: the session has ended
         self._enter(Phase.READY)
         self.host.session_ready(self)
         log.info("connection_opened", tls=self.tls, **self.log_fields())

@@ -73,6 +73,11 @@ class RoundTrips:
                 self.fatal_seen = True
         return ready
 
+    def authenticated(self, status: bytes) -> None:
+        """The ReadyForQuery that ends authentication: owed to the startup packet, not
+        to a message of the client's (one pipelined behind the startup is still owed)."""
+        self.status = status
+
     def ready(self, status: bytes, now: float) -> None:
         """A ReadyForQuery with `status` arrived at `now` (0: just now)."""
         before = self.status
