@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 NATIVE := $(VENV)/.compiled
 # Unit tests of the compiled modules, run once more as plain Python (see test target).
 PURE_TESTS := tests/test_analyzer.py tests/test_backlog.py tests/test_fingerprints.py \
-	tests/test_statement_tracker.py tests/test_advice_clients.py
+	tests/test_statement_tracker.py tests/test_advice_clients.py tests/test_detectors_unit.py \
+	tests/test_detector_options.py tests/test_protocol_editor.py
 
 # Dependencies only; the package itself is compiled by the next rule.
 $(STAMP): pyproject.toml setup.py
