@@ -78,8 +78,7 @@ class MessageEditor:
             if len(self._header) < c.HEADER_SIZE:
                 edited = True  # held until the next chunk
                 continue
-            mtype = self._header[0]
-            length = c.message_length(self._header, 0)
+            mtype, length = c.HEADER.unpack_from(self._header)
             header = bytes(self._header)
             self._header.clear()
             if self._header_sent:  # its start already went out: pass the rest unedited
@@ -141,7 +140,7 @@ def _insert_flushes(data: bytes, pos: int) -> tuple[bytes, int]:
     last = 0
     size = len(data)
     while pos + c.HEADER_SIZE <= size:
-        end = pos + 1 + c.message_length(data, pos)
+        end = pos + 1 + c.HEADER.unpack_from(data, pos)[1]
         if end > size:
             break
         if data[pos] == c.EXECUTE and (end >= size or data[end] not in _SYNC_OR_FLUSH):
@@ -178,7 +177,7 @@ class FlushInserter:
             if len(self._header) < c.HEADER_SIZE:
                 return data
             self._execute = self._header[0] == c.EXECUTE
-            self._passing = c.message_length(self._header, 0) - 4
+            self._passing = c.HEADER.unpack_from(self._header)[1] - 4
             self._header.clear()
         head = b""
         if self._passing or self._execute:  # the end of a message an earlier chunk began
@@ -197,6 +196,6 @@ class FlushInserter:
             if size - tail < c.HEADER_SIZE:
                 self._header += data[tail:]
             else:
-                self._passing = tail + 1 + c.message_length(data, tail) - size
+                self._passing = tail + 1 + c.HEADER.unpack_from(data, tail)[1] - size
                 self._execute = data[tail] == c.EXECUTE
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from proxy.protocol.codes import HEADER_SIZE, message_length
+from proxy.protocol.codes import HEADER, HEADER_SIZE
 
 __all__ = [
     "BODY",
@@ -103,12 +103,12 @@ class FrameDecoder:
         view: memoryview | None = None  # made only when a body is handed out
         interest = self.interest
         limit = self.inspect_limit
+        unpack = HEADER.unpack_from  # reads bytes faster than it reads a memoryview
         while pos < size:
             if size - pos < HEADER_SIZE:
                 self._buf += memoryview(data)[pos:]
                 break
-            mtype = data[pos]
-            length = message_length(data, pos)
+            mtype, length = unpack(data, pos)
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             end = pos + 1 + length
@@ -159,8 +159,7 @@ class FrameDecoder:
             pos += take
             if len(buf) < HEADER_SIZE:
                 return pos
-            mtype = buf[0]
-            length = message_length(buf, 0)
+            mtype, length = HEADER.unpack_from(buf, 0)
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(f"invalid length {length} for message type {mtype:#04x}")
             want = self.interest[mtype]
