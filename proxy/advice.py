@@ -1,23 +1,27 @@
 """Advice: what a detector found, deduplicated, counted, logged and kept for /advice.
 
 One JSON line per advice (structlog event "advice") the first time a (rule, fingerprint,
-database) is seen and again once `advice.repeat_interval` has passed, so a loop running
-all day stays visible without flooding the log. Advice carries normalized SQL only:
-detectors never put a parameter value or literal into it.
+database, user, application_name) is seen and again once `advice.repeat_interval` has
+passed, so a loop running all day stays visible without flooding the log. The application
+is part of the key: the same loop in two services is two things to fix, for two teams.
+Advice carries normalized SQL only: detectors never put a parameter value or literal
+into it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from proxy.logs import get_logger
 
-__all__ = ["SEVERITIES", "Advice", "AdviceSink"]
+__all__ = ["FILTERS", "SEVERITIES", "Advice", "AdviceSink"]
 
 SEVERITIES = ("info", "warning", "critical")
+# the fields /advice and `pgwarden advice` filter on, each by equality
+FILTERS = ("application_name", "database", "user", "rule", "severity")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 log = get_logger("pgwarden.advice")
@@ -74,10 +78,16 @@ class AdviceSink:
         self.max_entries = max_entries
         self.on_report = on_report
         self.clock = clock
-        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        self._entries: dict[tuple[str, str, str, str, str], _Entry] = {}
 
     def report(self, advice: Advice) -> None:
-        key = (advice.rule, advice.fingerprint or advice.statement, advice.database)
+        key = (
+            advice.rule,
+            advice.fingerprint or advice.statement,
+            advice.database,
+            advice.user,
+            advice.application_name,
+        )
         now = self.clock()
         entry = self._entries.get(key)
         if entry is None:
@@ -97,12 +107,15 @@ class AdviceSink:
             entry.last_logged = now
             log.warning("advice", occurrences=entry.occurrences, **advice.fields())
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Aggregated advice, most costly first (severity, then time spent, then count)."""
+    def snapshot(self, where: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Aggregated advice, most costly first (severity, then time spent, then count);
+        only the advice whose fields equal all of `where`'s (names from FILTERS)."""
         ranked = sorted(self._entries.values(), key=_Entry.cost, reverse=True)
         out = []
         for entry in ranked:
             data = entry.advice.fields()
+            if where and any(data[name] != value for name, value in where.items()):
+                continue
             data["event"] = "advice"
             data["occurrences"] = entry.occurrences
             data["total_time_ms"] = round(entry.total_time_s * 1000, 3)

@@ -5,17 +5,24 @@ with cold CPU caches, squeezed between PostgreSQL's and the client's turns on th
 cores: measured under pgbench, that costs 1.5 to 4 times what the same code costs in a
 tight loop. Queued (a reference to the chunk, no copy) and run in batches, the same work
 stays warm. A batch runs once `max_chunks` chunks or `max_bytes` bytes are waiting, or
-`delay` seconds after the first one arrived, so advice and metrics lag by at most that;
+`delay` seconds after the first one arrived, so metrics lag by at most that (loop advice
+waits for the loop to go quiet, below);
 whoever reads them all (/metrics, /advice, /fingerprints) flushes first; a session that
 needs its own analysis current (its round trips, at its end) catches up on its own chunks.
+
+It is also analysis's one clock: while sessions with detectors are open (`watch`), every
+`tick_interval` seconds it flushes and then ticks each of them, so rules that judge what
+has gone quiet (a loop on a connection that stays open) need no traffic to run. One
+timer for the whole server, never one per session, and nothing on the relay path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
-__all__ = ["Backlog", "Reader"]
+__all__ = ["Backlog", "Reader", "Ticked"]
 
 
 class Reader(Protocol):
@@ -26,16 +33,30 @@ class Reader(Protocol):
     def server(self, data: bytes, now: float) -> None: ...
 
 
+class Ticked(Protocol):
+    """A session's analysis that wants the time now and then: its Inspector."""
+
+    def tick(self, now: float) -> None: ...
+
+
 class Backlog:
     def __init__(
-        self, *, max_chunks: int = 64, max_bytes: int = 1 << 20, delay: float = 0.05
+        self,
+        *,
+        max_chunks: int = 64,
+        max_bytes: int = 1 << 20,
+        delay: float = 0.05,
+        tick_interval: float = 0.25,
     ) -> None:
         self.max_chunks = max_chunks
         self.max_bytes = max_bytes
         self.delay = delay
+        self.tick_interval = tick_interval
         self._items: list[tuple[Reader, bool, bytes, float]] = []
         self._bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._watched: dict[Ticked, None] = {}  # one per open session: bounded by them
+        self._ticker: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -79,3 +100,28 @@ class Backlog:
                 inspector.client(data, now)
             else:
                 inspector.server(data, now)
+
+    def watch(self, session: Ticked) -> None:
+        """Ticks `session` until `unwatch`; the clock runs while anyone is watched."""
+        if self._ticker is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # analysis run offline, without a loop: no clock to keep
+            self._ticker = loop.call_later(self.tick_interval, self._tick)
+        self._watched[session] = None
+
+    def unwatch(self, session: Ticked) -> None:
+        self._watched.pop(session, None)
+
+    def _tick(self) -> None:
+        """Brings all analysis up to date, then tells every watched session the time."""
+        self._ticker = None
+        if not self._watched:
+            return  # the clock stops with the last session; the next `watch` restarts it
+        # the next tick first, so that one that raises cannot stop the clock
+        self._ticker = asyncio.get_running_loop().call_later(self.tick_interval, self._tick)
+        self.flush()
+        now = time.perf_counter()
+        for session in list(self._watched):
+            session.tick(now)

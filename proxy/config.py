@@ -25,9 +25,10 @@ import yaml
 
 from proxy.detectors import DETECTORS, DetectorOptions
 from proxy.durations import Duration, parse_duration
-from proxy.rewriters.rules import BlockRule, RewriteRule, RuleMatch, check_rules
+from proxy.rewriters.rules import BlockRule, RewriteRule, RuleMatch, check_command, check_rules
 
 __all__ = [
+    "ADMIN_TOKEN_ENV",
     "Address",
     "BlockRule",
     "ConfigError",
@@ -104,6 +105,12 @@ class TLSSettings:
 @dataclass(frozen=True)
 class AdminSettings:
     listen: Address = Address("127.0.0.1", 9930)
+    ready_requires_upstream: bool = False  # /readyz probes PostgreSQL too
+    # The token that enables the admin actions, read from this file or else from
+    # $PGWARDEN_ADMIN_TOKEN into `token`: a secret, so never in the YAML, a repr or the
+    # output of check-config.
+    token_file: str | None = None
+    token: str | None = field(default=None, repr=False, metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,40 @@ def settings_from_dict(data: dict[str, Any] | None, *, source: str | None = None
     settings = _build(Settings, data or {}, "")
     settings = dataclasses.replace(settings, source=source)
     _check(settings)
-    return settings
+    return _with_admin_token(settings)
+
+
+ADMIN_TOKEN_ENV = "PGWARDEN_ADMIN_TOKEN"
+_MIN_TOKEN_LENGTH = 16
+
+
+def _with_admin_token(settings: Settings) -> Settings:
+    """The admin token from admin.token_file, else from $PGWARDEN_ADMIN_TOKEN (where
+    secrets are mounted); an error names where it came from, never what it holds."""
+    admin = settings.admin
+    if admin.token_file:
+        where = "admin.token_file"
+        try:
+            token = Path(admin.token_file).read_bytes().decode("latin-1").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: cannot read {admin.token_file!r}: {exc.strerror}"
+            ) from None
+    else:
+        where = ADMIN_TOKEN_ENV
+        token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+        if not token:
+            return settings
+    if (
+        len(token) < _MIN_TOKEN_LENGTH
+        or not (token.isascii() and token.isprintable())
+        or " " in token
+    ):
+        raise ConfigError(
+            f"{where}: the admin token must be at least {_MIN_TOKEN_LENGTH} printable ASCII "
+            "characters without spaces (e.g. the output of `openssl rand -hex 32`)"
+        )
+    return dataclasses.replace(settings, admin=dataclasses.replace(admin, token=token))
 
 
 def _check(settings: Settings) -> None:
@@ -358,8 +398,11 @@ def _check_timeouts(timeouts: TimeoutSettings) -> None:
         key = f"timeouts.rules[{index}]"
         if rule.statement is None and rule.transaction is None:
             raise ConfigError(f"{key}: set statement, transaction or both")
-        if rule.match.command is not None and rule.match.command != rule.match.command.upper():
-            raise ConfigError(f"{key}.match.command: write commands in upper case, e.g. SELECT")
+        if rule.match.command is not None:
+            try:
+                check_command(f"{key}.match.command", rule.match.command)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Per-fingerprint statement counts and time, with a bounded set of Prometheus series.
 
-Every statement costs one dict lookup and two additions here; series are built at scrape.
+Every statement costs two dict lookups and a few additions here; series are built at scrape.
+Prometheus sees each fingerprint summed over every client, so its series stay one per
+fingerprint; /fingerprints also splits them by client (database, user, application_name),
+at most `max_tracked` rows, so a team can find its own statements.
 A fingerprint gets its own series when first seen while fewer than `max_series` exist
 (most applications have fewer statement shapes than that); once they are taken, the
 rest go to `fingerprint="other"`, and if the limit is raised the costliest of those (by
@@ -10,18 +13,41 @@ stays monotonic, as a counter must: counts made before a promotion stay in "othe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 
-__all__ = ["FingerprintStats"]
+__all__ = ["FILTERS", "Client", "FingerprintStats"]
 
 OTHER: Final = "other"
+STATEMENT_LABEL: Final = 200  # characters of SQL in pgwarden_fingerprint_info
+# who ran a statement, from the session's startup packet
+Client = tuple[str, str, str]  # (database, user, application_name)
+FILTERS: Final = ("database", "user", "application_name")  # what /fingerprints filters on
+
+
+class _Row:
+    """One fingerprint as one client ran it."""
+
+    __slots__ = ("calls", "time")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.time = 0.0
 
 
 class _Entry:
-    __slots__ = ("calls", "command", "labelled_calls", "labelled_time", "statement", "time")
+    __slots__ = (
+        "calls",
+        "clients",
+        "command",
+        "labelled_calls",
+        "labelled_time",
+        "ran",
+        "statement",
+        "time",
+    )
 
     def __init__(self, statement: str, command: str) -> None:
         self.statement = statement
@@ -30,6 +56,10 @@ class _Entry:
         self.time = 0.0
         self.labelled_calls = -1  # -1: folded into "other"; else counts since promotion
         self.labelled_time = 0.0
+        self.clients: dict[Client, _Row] = {}
+        # ran without an error at least once: only then is its SQL in the metrics, where
+        # SQL that only ever failed (a typo, a probe naming made-up columns) has no place
+        self.ran = False
 
 
 class FingerprintStats:
@@ -41,11 +71,21 @@ class FingerprintStats:
         self.max_series = max_series
         self.max_tracked = max_tracked or max(1000, 10 * max_series)
         self._entries: dict[str, _Entry] = {}
+        self._rows = 0  # (fingerprint, client) rows across the entries: at most max_tracked
         self._labelled = 0
         self._other_calls = 0
         self._other_time = 0.0
 
-    def record(self, fingerprint: str, statement: str, command: str, seconds: float) -> None:
+    def record(
+        self,
+        fingerprint: str,
+        statement: str,
+        command: str,
+        seconds: float,
+        client: Client,
+        ok: bool = True,
+    ) -> None:
+        """One statement that took `seconds`, run by `client`; `ok`: without an error."""
         entry = self._entries.get(fingerprint)
         if entry is None:
             if len(self._entries) >= self.max_tracked:
@@ -56,6 +96,16 @@ class FingerprintStats:
                 self._labelled += 1
         entry.calls += 1
         entry.time += seconds
+        if ok:
+            entry.ran = True
+        row = entry.clients.get(client)
+        if row is None:
+            if self._rows >= self.max_tracked:
+                self._forget_cheapest_rows()
+            row = entry.clients[client] = _Row()
+            self._rows += 1
+        row.calls += 1
+        row.time += seconds
         if entry.labelled_calls >= 0:
             entry.labelled_calls += 1
             entry.labelled_time += seconds
@@ -68,7 +118,20 @@ class FingerprintStats:
         unlabelled = [(e.time, k) for k, e in self._entries.items() if e.labelled_calls < 0]
         unlabelled.sort()
         for _, key in unlabelled[: max(1, len(unlabelled) // 10)]:
-            del self._entries[key]
+            self._rows -= len(self._entries.pop(key).clients)
+
+    def _forget_cheapest_rows(self) -> None:
+        """Drops a tenth of the client rows, the cheapest, those of fingerprints with a
+        series of their own last (the fingerprints' sums stay)."""
+        rows = [
+            (entry.labelled_calls >= 0, row.time, fingerprint, client)
+            for fingerprint, entry in self._entries.items()
+            for client, row in entry.clients.items()
+        ]
+        rows.sort()
+        for _, _, fingerprint, client in rows[: max(1, len(rows) // 10)]:
+            del self._entries[fingerprint].clients[client]
+            self._rows -= 1
 
     def _promote(self) -> None:
         free = self.max_series - self._labelled
@@ -97,29 +160,52 @@ class FingerprintStats:
             "Time spent in statements, by fingerprint",
             labels=["fingerprint"],
         )
+        info = InfoMetricFamily(
+            "pgwarden_fingerprint",
+            "The normalized SQL of each fingerprint that has its own series and ran "
+            f"without an error (its first {STATEMENT_LABEL} characters)",
+            labels=["fingerprint"],
+        )
         for key, entry in self._entries.items():
             if entry.labelled_calls >= 0:
                 calls.add_metric([key], entry.labelled_calls)
                 seconds.add_metric([key], entry.labelled_time)
+                if entry.ran:
+                    info.add_metric([key], {"statement": _label(entry.statement)})
         calls.add_metric([OTHER], self._other_calls)
         seconds.add_metric([OTHER], self._other_time)
         yield calls
         yield seconds
+        yield info
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Every tracked fingerprint with its SQL, costliest first (for /fingerprints)."""
-        ranked = sorted(self._entries.items(), key=lambda kv: kv[1].time, reverse=True)
-        return [
-            {
-                "fingerprint": key,
-                "statement": e.statement,
-                "command": e.command,
-                "calls": e.calls,
-                "total_time_ms": round(e.time * 1000, 3),
-                "series": e.labelled_calls >= 0,
-            }
-            for key, e in ranked
-        ]
+    def snapshot(self, where: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every tracked fingerprint with its SQL, once per client that ran it, costliest
+        first (for /fingerprints); only the rows whose client fields equal all of `where`'s
+        (names from FILTERS)."""
+        ranked: list[tuple[float, dict[str, Any]]] = []
+        for key, e in self._entries.items():
+            for (database, user, application_name), row in e.clients.items():
+                client = {"database": database, "user": user, "application_name": application_name}
+                if where and any(client[name] != value for name, value in where.items()):
+                    continue
+                data: dict[str, Any] = {
+                    "fingerprint": key,
+                    "statement": e.statement,
+                    "command": e.command,
+                    **client,
+                    "calls": row.calls,
+                    "total_time_ms": round(row.time * 1000, 3),
+                    "series": e.labelled_calls >= 0,
+                }
+                ranked.append((row.time, data))
+        ranked.sort(key=lambda item: item[0], reverse=True)
+        return [data for _, data in ranked]
+
+
+def _label(statement: str) -> str:
+    """`statement` cut for a label value, as UTF-8 can carry it (text the client sent that
+    was not UTF-8 keeps its undecodable bytes as surrogates, which no exposition encodes)."""
+    return statement[:STATEMENT_LABEL].encode("utf-8", "replace").decode("utf-8")

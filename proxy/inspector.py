@@ -16,6 +16,7 @@ from proxy.advice import Advice, AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
 from proxy.detectors import Detector, DetectorOptions, SessionIdentity, build_detectors
+from proxy.fingerprints import Client
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.framing import ProtocolViolation
@@ -57,7 +58,10 @@ class Inspector:
             analysis.analyzer, self._statements, client_at=client_at
         )
         self._books_lost: Callable[[Exception], None] | None = None
+        self.client_key: Client = (identity.database, identity.user, identity.application_name)
         self.detectors: list[Detector] = build_detectors(analysis.detectors, identity)
+        if self.detectors:
+            self.backlog.watch(self)  # ticked until close()
 
     def keep_books(
         self, books: RoundTrips | None, lost: Callable[[Exception], None] | None = None
@@ -94,7 +98,26 @@ class Inspector:
         """Analyses this session's chunks still queued, and only those."""
         self.backlog.catch_up(self)
 
+    def tick(self, now: float) -> None:
+        """The time, from the Backlog's clock, with this session analysed up to `now`: each
+        detector judges what has gone quiet. A statement running now started before `now`
+        and is not observed yet, so the detectors are told the time it started instead."""
+        tracker = self.tracker
+        if tracker is None:
+            return
+        running = tracker.current()
+        if running is not None and running.started < now:
+            now = running.started
+        for detector in list(self.detectors):
+            try:
+                found = detector.tick(now)
+                if found:
+                    self._report(found)
+            except Exception:
+                self._detector_failed(detector)
+
     def close(self) -> None:
+        self.backlog.unwatch(self)
         self.catch_up()  # this session's chunks may still be waiting
         self.tracker = None  # whatever else is queued for it comes too late
         self._books_lost = None
@@ -115,8 +138,9 @@ class Inspector:
     def _statements(self, events: list[StatementEvent]) -> None:
         """The statements of one round trip: metrics first, then each detector in turn."""
         record = self.metrics.record_statement
+        client = self.client_key
         for event in events:
-            record(event)
+            record(event, client)
         for detector in self.detectors:
             try:
                 observe = detector.observe

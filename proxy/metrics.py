@@ -10,12 +10,13 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from proxy import __version__, native
-from proxy.fingerprints import FingerprintStats
+from proxy.fingerprints import Client, FingerprintStats
+from proxy.logs import dropped_lines
 
 if TYPE_CHECKING:
     from proxy.advice import Advice
@@ -31,6 +32,13 @@ CONNECTION_ERROR_KINDS = (
     "upstream_connect",
     "upstream_lost",
     "tls",
+    # startups PostgreSQL refused (its ErrorResponse before the first ReadyForQuery):
+    # SQLSTATE class 28, 3D000, anything else
+    "auth_failed",
+    "unknown_database",
+    "startup_failed",
+    # a client that wanted TLS (SSLRequest), was told pgwarden has none, and left
+    "tls_refused",
 )
 # Commands get their own series; anything else (including text pglast could not parse,
 # whose first word is arbitrary) counts as OTHER, so the label set stays bounded.
@@ -100,6 +108,9 @@ class Metrics:
         Info("pgwarden_build", "pgwarden build information", registry=r).info(
             {"version": __version__, "analysis_code": native.MODE.split(" ", 1)[0]}
         )
+        # process_*: memory, CPU, file descriptors and start time, the names every
+        # dashboard knows (read from /proc at scrape time; none where there is no /proc)
+        ProcessCollector(registry=r)
         self.client_connections = Gauge(
             "pgwarden_client_connections", "Client connections currently open", registry=r
         )
@@ -147,6 +158,7 @@ class Metrics:
         self.closed_bytes_out = 0
         self._open_traffic: Callable[[], tuple[int, int]] = _no_traffic
         r.register(_BytesCollector(self))
+        r.register(_LogSinkCollector())
         self.connection_duration = Histogram(
             "pgwarden_client_connection_duration_seconds",
             "How long client connections stayed open",
@@ -213,7 +225,8 @@ class Metrics:
         )
         self._by_sqlstate: dict[str, object] = {}
 
-    def record_statement(self, event: StatementEvent) -> None:
+    def record_statement(self, event: StatementEvent, client: Client) -> None:
+        """One finished statement of `client` (database, user, application_name)."""
         info = event.parsed.info
         command = info.command
         stats = self._statements.get(command)
@@ -229,7 +242,9 @@ class Metrics:
         stats.total += duration
         stats.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         if info.fingerprint:
-            self.fingerprints.record(info.fingerprint, info.normalized, command, duration)
+            self.fingerprints.record(
+                info.fingerprint, info.normalized, command, duration, client, not event.sqlstate
+            )
         if event.sqlstate and event.sqlstate != "skipped":
             self.record_error(event.sqlstate)
 
@@ -318,6 +333,23 @@ class _BytesCollector:
         )
         family.add_metric(["client_to_server"], into)
         family.add_metric(["server_to_client"], out)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _LogSinkCollector:
+    """pgwarden_log_lines_dropped_total{reason}, read from the log sink at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "pgwarden_log_lines_dropped",
+            "Log lines lost because standard output failed or stalled, by reason",
+            labels=["reason"],
+        )
+        for reason, count in dropped_lines().items():
+            family.add_metric([reason], count)
         yield family
 
     def describe(self) -> Iterator[Metric]:

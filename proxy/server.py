@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import signal
 import ssl
 import time
@@ -12,15 +12,18 @@ from collections.abc import Callable
 from proxy import native, upstream
 from proxy.admin import (
     AdminServer,
+    Request,
     healthz,
     json_response,
     metrics_endpoint,
     readiness_endpoint,
 )
+from proxy.advice import FILTERS as ADVICE_FILTERS
 from proxy.advice import AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
-from proxy.config import ConfigError, Settings
+from proxy.config import Address, ConfigError, Settings
+from proxy.fingerprints import FILTERS as FINGERPRINT_FILTERS
 from proxy.inspector import Analysis
 from proxy.logs import configure_logging, get_logger
 from proxy.metrics import Metrics
@@ -29,11 +32,33 @@ from proxy.rewriters.rules import RuleEngine
 from proxy.session import Session
 from proxy.timeouts import TimeoutPolicy
 
-__all__ = ["ProxyServer", "server_ssl_context"]
+__all__ = ["ListenError", "ProxyServer", "server_ssl_context"]
 
 log = get_logger("pgwarden.server")
 
 _CANCEL_LIMIT = 64  # cancel requests in flight at once; more are dropped (and logged)
+_PROBE_TIMEOUT = 1.0  # seconds /readyz waits for the upstream (a kubelet's default wait)
+_LISTENERS = {"clients": "clients (listen)", "admin": "the admin HTTP server (admin.listen)"}
+
+
+class ListenError(Exception):
+    """A listener could not open its socket: an address in use or not of this host."""
+
+    def __init__(self, listener: str, address: Address, error: OSError) -> None:
+        # asyncio words a bind error at length; the errno's own text says it
+        code = error.errno or 0
+        why = os.strerror(code) if code > 0 else (error.strerror or str(error))
+        super().__init__(f"cannot listen for {_LISTENERS[listener]} on {address}: {why}")
+
+
+def _filters(query: dict[str, str], allowed: tuple[str, ...], path: str) -> dict[str, str] | str:
+    """The query's filters, or why they are refused: a misspelt name must not pass for a
+    filter that matched nothing."""
+    for name in query:
+        if name not in allowed:
+            what = "does not apply to" if name in ADVICE_FILTERS else "is not a filter of"
+            return f"{name!r} {what} {path}; filter by {', '.join(allowed)}"
+    return query
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -76,21 +101,36 @@ class ProxyServer:
                 "/readyz": readiness_endpoint(self._unready),
                 "/advice": self._advice,
                 "/fingerprints": self._fingerprints,
-            }
+                "/clients": self._clients,
+            },
+            actions={"/clients/{id}/terminate": self._terminate},
+            token=settings.admin.token,  # read once: admin settings need a restart
         )
         self._cancels: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Future[None] | None = None
+        self._ready_requires_upstream = settings.admin.ready_requires_upstream  # restart
+        self._upstream_check: asyncio.Future[None] | None = None  # kept: a task needs a holder
 
     # --------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        """Opens both listeners (ListenError names the one that cannot listen), then checks
+        the upstream in the background: pgwarden may start before its database."""
         loop = asyncio.get_running_loop()
         addr = self.settings.listen
-        self._listener = await loop.create_server(
-            self._accept, addr.host, addr.port, reuse_address=True, backlog=1024
-        )
-        await self._admin.start(self.settings.admin.listen)
+        try:
+            self._listener = await loop.create_server(
+                self._accept, addr.host, addr.port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            raise ListenError("clients", addr, exc) from None
+        try:
+            await self._admin.start(self.settings.admin.listen)
+        except OSError as exc:
+            self._listener.close()
+            raise ListenError("admin", self.settings.admin.listen, exc) from None
+        self._upstream_check = asyncio.ensure_future(self._check_upstream())
         log.info(
             "listening",
             listen=str(addr),
@@ -100,6 +140,14 @@ class ProxyServer:
             config=self.settings.source,
             analysis_code=native.MODE,
         )
+
+    async def _check_upstream(self) -> None:
+        """One warning at start when the upstream does not answer, as every client would
+        fail until it does (each failure then logs upstream_connect_failed)."""
+        settings = self.settings.upstream
+        problem = await upstream.probe(settings, settings.connect_timeout or None)
+        if problem is not None:
+            log.warning("upstream_unreachable", upstream=str(settings.address), error=problem)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,21 +229,72 @@ class ProxyServer:
 
     # --------------------------------------------------------------- admin
 
-    async def _advice(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    async def _advice(self, request: Request) -> tuple[int, str, bytes]:
+        """/advice[?application_name=&database=&user=&rule=&severity=]: each given field
+        must equal the advice's."""
+        where = _filters(request.query, ADVICE_FILTERS, "/advice")
+        if isinstance(where, str):
+            return json_response(400, {"error": where})
         self.backlog.flush()
-        return json_response(200, {"advice": self.sink.snapshot()})
+        return json_response(200, {"advice": self.sink.snapshot(where)})
 
-    async def _fingerprints(self, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    async def _fingerprints(self, request: Request) -> tuple[int, str, bytes]:
+        """/fingerprints[?application_name=&database=&user=]: statements have no rule or
+        severity, so asking for one is a mistake worth a 400, not an empty answer."""
+        where = _filters(request.query, FINGERPRINT_FILTERS, "/fingerprints")
+        if isinstance(where, str):
+            return json_response(400, {"error": where})
         self.backlog.flush()
-        return json_response(200, {"fingerprints": self.metrics.fingerprints.snapshot()})
+        return json_response(200, {"fingerprints": self.metrics.fingerprints.snapshot(where)})
+
+    async def _clients(self, request: Request) -> tuple[int, str, bytes]:
+        """Every open session, oldest first: at most max_client_connections of them, and
+        the ones over the limit on their way out."""
+        sessions = sorted(self.sessions, key=lambda session: session.id)
+        return json_response(200, {"clients": [session.describe() for session in sessions]})
+
+    async def _terminate(self, ref: str) -> tuple[int, str, bytes]:
+        """Ends the one session `ref` names, with 57P01: `id:N`, `pid:N` (its backend's
+        pid), or `N` for either when only one session fits."""
+        kind, _, number = ref.rpartition(":")
+        if kind not in ("", "id", "pid") or not (number.isascii() and number.isdigit()):
+            return json_response(400, {"error": "name the client as ID, id:ID or pid:PID"})
+        n = int(number)
+        found = [
+            session
+            for session in self.sessions
+            if (kind != "pid" and session.id == n)
+            or (kind != "id" and session.backend_key is not None and session.backend_key[0] == n)
+        ]
+        if not found:
+            what = {"": "id or backend pid", "id": "id", "pid": "backend pid"}[kind]
+            return json_response(404, {"error": f"no open client with {what} {n}"})
+        if len(found) > 1:
+            ids = ", ".join(str(session.id) for session in sorted(found, key=lambda s: s.id))
+            return json_response(
+                409, {"error": f"{n} fits more than one client (ids {ids}): say id:ID"}
+            )
+        session = found[0]
+        entry = session.describe()
+        log.info(
+            "client_terminated",
+            client_id=session.id,
+            backend_pid=entry["pid"],
+            **session.log_fields(),
+        )
+        session.terminate("admin_terminate")
+        return json_response(200, {"terminated": entry})
 
     async def _unready(self) -> str | None:
-        """Why /readyz turns traffic away, if it does; a draining proxy does not even try
-        the upstream."""
+        """Why /readyz turns traffic away, if it does: draining, or (only when
+        admin.ready_requires_upstream says so) an upstream that does not answer. Off by
+        default: a database blip would pull every replica out of the Service at once."""
         if self.draining:
             return "draining"
-        if not await self.upstream_answers():
-            return "upstream unreachable"
+        if self._ready_requires_upstream:
+            problem = await upstream.probe(self.settings.upstream, _PROBE_TIMEOUT)
+            if problem is not None:
+                return f"upstream unreachable: {problem}"
         return None
 
     def _open_traffic(self) -> tuple[int, int]:
@@ -260,17 +359,3 @@ class ProxyServer:
             await upstream.send_cancel(settings.upstream, request.process_id, request.secret_key)
         except (OSError, ssl.SSLError) as exc:
             log.warning("cancel_failed", error=str(exc))
-
-    async def upstream_answers(self, timeout: float = 1.0) -> bool:
-        """Whether a TCP connection to the upstream opens within `timeout` seconds."""
-        addr = self.settings.upstream.address
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(addr.host, addr.port), timeout
-            )
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True

@@ -20,7 +20,7 @@ from proxy.config import TimeoutSettings
 from proxy.protocol.messages import ErrorResponse
 from proxy.tracking.events import Running, StatementEvent
 
-__all__ = ["Limit", "Scheduler", "TimeoutGuard", "TimeoutPolicy", "rewrite_cancel"]
+__all__ = ["Limit", "Scheduler", "TimeoutGuard", "TimeoutPolicy", "TimerHandle", "rewrite_cancel"]
 
 _CACHE_SIZE = 4096
 _TX_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "PREPARE TRANSACTION")
@@ -214,6 +214,18 @@ class TimeoutGuard:
     def close(self) -> None:
         self.running(None)
         self._end_transaction()
+        # The callbacks are the hook's, which holds this guard: dropped, no cycle keeps a
+        # closed session in memory until the seldom full collection (cli.py).
+        self.on_statement = _no_statement
+        self.on_transaction = _no_transaction
+
+
+def _no_statement(info: StatementInfo, started: float, limit: Limit) -> None:
+    """What a closed guard reports a statement over its limit to: nobody."""
+
+
+def _no_transaction(kind: str, limit: Limit) -> None:
+    """What a closed guard reports a transaction over its limit to: nobody."""
 
 
 def rewrite_cancel(raw: bytes, limit: Limit) -> bytes | None:

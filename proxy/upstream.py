@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from proxy.config import UpstreamSettings
 from proxy.protocol.startup import CancelRequest, SSLRequest
 
-__all__ = ["UpstreamError", "connect", "send_cancel", "upstream_ssl_context"]
+__all__ = ["UpstreamError", "connect", "probe", "send_cancel", "upstream_ssl_context"]
 
 
 class UpstreamError(ConnectionError):
@@ -134,3 +135,48 @@ async def send_cancel(settings: UpstreamSettings, process_id: int, secret_key: b
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+async def probe(settings: UpstreamSettings, timeout: float | None) -> str | None:
+    """Why the upstream would not take a session now, or None when it speaks the protocol:
+    it answers an SSLRequest with S or N within `timeout` seconds (None: as long as the OS
+    lets a connect take), and does TLS after an S.
+
+    A TCP connect alone passes for anything listening there. Nothing follows the SSLRequest
+    and the handshake, so PostgreSQL closes without a line in its log, where a
+    StartupMessage would log a FATAL for every probe.
+    """
+    addr = settings.address
+
+    async def exchange() -> bytes:
+        loop = asyncio.get_running_loop()
+        sock = await _open_socket(settings)
+        try:
+            await loop.sock_sendall(sock, SSLRequest().encode())
+            answer = await loop.sock_recv(sock, 1)
+            if answer != b"S":
+                sock.close()
+                return answer
+            # Left mid-handshake, PostgreSQL would log it: even sslmode disable finishes it.
+            mode = "require" if settings.sslmode == "disable" else settings.sslmode
+            ctx = upstream_ssl_context(dataclasses.replace(settings, sslmode=mode))
+            _, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=addr.host)
+        except BaseException:
+            sock.close()
+            raise
+        writer.close()  # the TLS shutdown goes on without us
+        return answer
+
+    try:
+        answer = await asyncio.wait_for(exchange(), timeout)
+    except TimeoutError:
+        return f"no answer from upstream {addr} within {timeout or 0:g}s"
+    except UpstreamError as exc:
+        return str(exc)
+    except OSError as exc:  # ssl.SSLError included
+        return f"upstream {addr}: {exc}"
+    if answer == b"N" and settings.sslmode in ("require", "verify-full"):
+        return f"upstream {addr} does not support SSL, but sslmode is {settings.sslmode}"
+    if answer not in (b"S", b"N"):
+        return f"upstream {addr} answered an SSLRequest with {answer!r}"
+    return None

@@ -383,7 +383,7 @@ def test_log_lines_dedup_and_metrics(proxy: ProxyProcess) -> None:
     assert found["event"] == "advice"
 
     # one log line within advice.repeat_interval, however often the loop runs
-    lines = advice_log_lines(proxy, "n_plus_one")
+    lines = wait_until(lambda: advice_log_lines(proxy, "n_plus_one"), message="the advice line")
     assert len(lines) == 1, lines
     (line,) = lines
     assert set(line) >= ADVICE_FIELDS
@@ -424,6 +424,7 @@ def test_config_thresholds_and_repeat_interval(proxy_factory: StartProxy, schema
     (found,) = advice(proxy)
     assert found["rule"] == "n_plus_one" and found["count"] == 30
     assert found["occurrences"] == 2
+    wait_until(lambda: len(advice_log_lines(proxy, "n_plus_one")) >= 2, message="2 lines")
     assert len(advice_log_lines(proxy, "n_plus_one")) == 2
 
 

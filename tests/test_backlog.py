@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from proxy.backlog import Backlog
 
@@ -70,3 +71,49 @@ def test_a_quiet_backlog_is_analysed_after_its_delay() -> None:
         assert len(log) == 2  # the timer was cancelled, nothing ran twice
 
     asyncio.run(main())
+
+
+class Clocked(Recorder):
+    """A Recorder that is also ticked, as an Inspector is while its session is open."""
+
+    def tick(self, now: float) -> None:
+        self.log.append((self.name, False, b"tick", now))
+
+
+def test_the_clock_flushes_then_ticks_each_watched_session_while_any_is_watched() -> None:
+    async def main() -> None:
+        log: list[tuple[str, bool, bytes, float]] = []
+        a, b = Clocked(log, "a"), Clocked(log, "b")
+        backlog = Backlog(max_chunks=100, delay=60, tick_interval=0.02)
+        backlog.watch(a)
+        backlog.watch(b)
+        backlog.add(a, True, b"q", time.perf_counter())
+        await asyncio.sleep(0.03)
+        # the queued chunk first, then both sessions, told a time after it
+        assert [(name, data) for name, _, data, _ in log[:3]] == [
+            ("a", b"q"),
+            ("a", b"tick"),
+            ("b", b"tick"),
+        ]
+        assert log[1][3] >= log[0][3] and log[1][3] == log[2][3]
+        backlog.unwatch(a)
+        await asyncio.sleep(0.05)
+        assert {name for name, _, data, _ in log[3:]} == {"b"}  # b only, and still ticked
+        backlog.unwatch(b)
+        await asyncio.sleep(0.03)
+        ticks = len(log)
+        await asyncio.sleep(0.05)
+        assert len(log) == ticks  # the clock stopped with the last session
+        backlog.watch(a)  # and starts again with the next
+        await asyncio.sleep(0.03)
+        assert log[-1][:3] == ("a", False, b"tick")
+        backlog.unwatch(a)
+
+    asyncio.run(main())
+
+
+def test_without_a_loop_there_is_no_clock() -> None:
+    """Analysis run offline (a benchmark, a tool): watching changes nothing."""
+    log: list[tuple[str, bool, bytes, float]] = []
+    Backlog().watch(Clocked(log, "a"))
+    assert log == []

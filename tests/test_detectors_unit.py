@@ -278,3 +278,93 @@ def test_slow_query_stays_silent_below_the_threshold_and_on_what_is_slow_by_natu
     batched = s.run(BOOKS, 1, took=5.0)
     batched.reply_batched = True  # its own duration is unknown
     assert feed(slow_query(), [batched]) == []
+
+
+# ------------------------------------------------------------------ time passes: tick()
+
+
+def ticking(detector: Detector, s: Session, events: Iterable[StatementEvent]) -> list[Advice]:
+    """What `detector` says about `events` with the clock ticking, every quarter second
+    from each event on until the next one; nothing at the end: the session stays open."""
+    found: list[Advice] = []
+    now: float | None = None
+    for event in events:
+        now = event.started if now is None else now
+        while now + 0.25 < event.started:
+            now += 0.25
+            found.extend(detector.tick(now))
+        found.extend(detector.observe(event))
+        now = max(now, event.finished)
+    assert now is not None
+    for _ in range(8):  # two quiet seconds after the last statement
+        now += 0.25
+        found.extend(detector.tick(now))
+    return found
+
+
+def test_n_plus_one_autocommit_loop_is_judged_once_it_has_gone_quiet() -> None:
+    """A loop on a connection that stays open: no later statement ends it, the clock does."""
+    s = Session()
+    detector = n_plus_one()
+    events = [s.run(AUTHORS, rows=AUTHOR_ROWS)] + [s.run(BOOKS, i) for i, _ in AUTHOR_ROWS]
+    assert [a for e in events for a in detector.observe(e)] == []
+    last = events[-1].finished
+    assert not detector.tick(last + 0.5)  # the loop may go on
+    more = s.run(BOOKS, 7)  # and it does: the same burst
+    assert not detector.observe(more)
+    assert not detector.tick(more.finished + 0.99)
+    (advice,) = detector.tick(more.finished + 1.01)
+    assert advice.count == 7
+    assert advice.source is not None and advice.source["column"] == "id"
+    assert not detector.tick(more.finished + 5)  # judged once
+    assert not detector.session_end()
+
+
+def test_n_plus_one_in_a_transaction_left_open_is_judged_once_quiet() -> None:
+    s = Session()
+    detector = n_plus_one()
+    loop = [s.run(BOOKS, key, transaction=1) for key in (11, 12, 13, 14, 15)]
+    (advice,) = ticking(detector, s, loop)
+    assert advice.count == 5 and advice.source is None
+    assert not detector.session_end()
+
+
+def test_n_plus_one_a_pause_longer_than_the_gap_ends_the_burst_with_or_without_a_tick() -> None:
+    """The clock ends a burst exactly when its next execution would have: two loops of
+    four, a second and a half apart, are two bursts below the threshold either way."""
+    for clock in (True, False):
+        s = Session()
+        events = [s.run(AUTHORS, rows=AUTHOR_ROWS)] + [s.run(BOOKS, i) for i in (1, 2, 3, 4)]
+        s.now += 1.5
+        events += [s.run(BOOKS, i) for i in (5, 6, 1, 2)]
+        found = ticking(n_plus_one(), s, events) if clock else feed(n_plus_one(), events)
+        assert found == []
+
+
+def test_insert_loop_autocommit_is_judged_once_quiet() -> None:
+    s = Session()
+    detector = insert_loop()
+    rows = [s.run(INSERT, i, "t") for i in range(12)]
+    assert [a for e in rows for a in detector.observe(e)] == []
+    assert not detector.tick(rows[-1].finished + 0.9)
+    (advice,) = detector.tick(rows[-1].finished + 1.1)
+    assert (advice.count, advice.severity) == (12, "warning")
+    assert "commit per row" in advice.suggestion
+    assert not detector.session_end()
+
+
+def test_healthy_shapes_stay_silent_with_the_clock_ticking() -> None:
+    # independent autocommit lookups with a list page before them: a pooled web app
+    s = Session()
+    events = [s.run(AUTHORS, rows=AUTHOR_ROWS)]
+    for i in range(30):
+        events.append(s.run(BOOKS, 100 + i))
+        s.now += 0.3
+    assert ticking(n_plus_one(), s, events) == []
+    # a few inserts, below the threshold, then a long quiet
+    s = Session()
+    assert ticking(insert_loop(), s, [s.run(INSERT, i, "t", transaction=1) for i in range(9)]) == []
+    # a slow query is judged as it finishes, never again by the clock
+    s = Session()
+    detector = slow_query()
+    assert len(ticking(detector, s, [s.run(BOOKS, 1, took=1.5)])) == 1

@@ -1,20 +1,25 @@
 """proxy.fingerprints.FingerprintStats: bounded series, counters that never go down,
-promotion of the costliest, the ranked snapshot behind /fingerprints, bounded memory."""
+promotion of the costliest, the ranked snapshot behind /fingerprints (per client, with
+filters), the SQL of each series in pgwarden_fingerprint_info, bounded memory."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.fingerprints import OTHER, FingerprintStats
+from proxy.fingerprints import OTHER, STATEMENT_LABEL, Client, FingerprintStats
 
 Series = dict[tuple[str, str], float]  # (sample name, fingerprint) -> value
+WEB: Client = ("shop", "app", "web")
+WORKER: Client = ("shop", "app", "worker")
 
 
 def collect(stats: FingerprintStats) -> Series:
+    """The counters' samples (pgwarden_fingerprint_info has its own test)."""
     return {
         (sample.name, sample.labels["fingerprint"]): sample.value
         for family in stats.collect()
         for sample in family.samples
+        if sample.name != "pgwarden_fingerprint_info"
     }
 
 
@@ -24,7 +29,7 @@ def fingerprints(series: Series) -> set[str]:
 
 def record(stats: FingerprintStats, fp: str, times: int = 1, seconds: float = 0.001) -> None:
     for _ in range(times):
-        stats.record(fp, f"SELECT {fp} WHERE id = $1", "SELECT", seconds)
+        stats.record(fp, f"SELECT {fp} WHERE id = $1", "SELECT", seconds, WEB)
 
 
 def test_series_are_bounded_and_the_rest_is_other() -> None:
@@ -86,10 +91,10 @@ def test_lowering_the_limit_keeps_existing_series() -> None:
 
 def test_snapshot_ranks_by_total_time_with_the_sql() -> None:
     stats = FingerprintStats(max_series=1)
-    stats.record("fast", "SELECT $1", "SELECT", 0.001)
-    stats.record("slow", "UPDATE t SET x = $1", "UPDATE", 0.5)
+    stats.record("fast", "SELECT $1", "SELECT", 0.001, WEB)
+    stats.record("slow", "UPDATE t SET x = $1", "UPDATE", 0.5, WEB)
     for _ in range(3):
-        stats.record("many", "SELECT * FROM t WHERE id = $1", "SELECT", 0.2)
+        stats.record("many", "SELECT * FROM t WHERE id = $1", "SELECT", 0.2, WEB)
     snapshot = stats.snapshot()
     assert [e["fingerprint"] for e in snapshot] == ["many", "slow", "fast"]
     many, slow, fast = snapshot
@@ -97,6 +102,9 @@ def test_snapshot_ranks_by_total_time_with_the_sql() -> None:
         "fingerprint": "many",
         "statement": "SELECT * FROM t WHERE id = $1",
         "command": "SELECT",
+        "database": "shop",
+        "user": "app",
+        "application_name": "web",
         "calls": 3,
         "total_time_ms": 600.0,
         "series": False,
@@ -118,3 +126,42 @@ def test_tracked_fingerprints_are_bounded() -> None:
     assert fingerprints(series) == {"kept-1", "kept-2", OTHER}
     assert series[("pgwarden_fingerprint_queries_total", OTHER)] == 500  # forgotten, still counted
     assert FingerprintStats(max_series=200).max_tracked >= 1000  # the default has room
+
+
+def test_snapshot_has_a_row_per_client_and_filters_by_client() -> None:
+    stats = FingerprintStats(max_series=10)
+    for _ in range(3):
+        stats.record("lookup", "SELECT * FROM t WHERE id = $1", "SELECT", 0.1, WEB)
+    stats.record("lookup", "SELECT * FROM t WHERE id = $1", "SELECT", 0.5, WORKER)
+    stats.record("insert", "INSERT INTO t VALUES ($1)", "INSERT", 0.01, WORKER)
+    rows = [(r["fingerprint"], r["application_name"], r["calls"]) for r in stats.snapshot()]
+    assert rows == [("lookup", "worker", 1), ("lookup", "web", 3), ("insert", "worker", 1)]
+    assert [r["fingerprint"] for r in stats.snapshot({"application_name": "web"})] == ["lookup"]
+    assert len(stats.snapshot({"database": "shop", "user": "app"})) == 3
+    assert stats.snapshot({"application_name": "nobody"}) == []
+    # Prometheus sees one series per fingerprint, every client summed
+    assert collect(stats)[("pgwarden_fingerprint_queries_total", "lookup")] == 4
+
+
+def test_client_rows_are_bounded_and_the_sums_stay() -> None:
+    stats = FingerprintStats(max_series=2, max_tracked=20)
+    for i in range(200):
+        client = ("shop", "app", f"app-{i}")
+        stats.record("lookup", "SELECT $1", "SELECT", 0.001 * (i % 7 + 1), client)
+    assert len(stats.snapshot()) <= 20
+    assert collect(stats)[("pgwarden_fingerprint_queries_total", "lookup")] == 200
+
+
+def test_fingerprint_info_names_the_sql_of_each_series_that_ran_cut_and_encodable() -> None:
+    stats = FingerprintStats(max_series=3)
+    stats.record("failed", 'SELECT "secret" FROM t', "SELECT", 0.1, WEB, ok=False)
+    long = "SELECT " + ", ".join(f"c{i}" for i in range(100)) + ' FROM "a ""b"" \\ c"\nWHERE x = $1'
+    stats.record("long", long, "SELECT", 0.1, WEB)
+    stats.record("undecodable", "SELECT $1 AS \udcff", "SELECT", 0.1, WEB)  # surrogateescape
+    stats.record("folded", "SELECT 3", "SELECT", 0.1, WEB)  # no series of its own
+    (family,) = [f for f in stats.collect() if f.name == "pgwarden_fingerprint"]
+    info = {s.labels["fingerprint"]: s for s in family.samples}
+    assert set(info) == {"long", "undecodable"}  # not SQL that only ever failed
+    assert info["long"].name == "pgwarden_fingerprint_info" and info["long"].value == 1
+    assert info["long"].labels["statement"] == long[:STATEMENT_LABEL]
+    assert info["undecodable"].labels["statement"] == "SELECT $1 AS ?"

@@ -39,7 +39,9 @@ ALERT_NAMES = {
     "PgwardenStatementTimeoutsSpiking",
     "PgwardenNPlusOneAdvice",
     "PgwardenUpstreamUnreachable",
+    "PgwardenStartupsRefused",
     "PgwardenClientConnectionsNearLimit",
+    "PgwardenLogLinesDropped",
 }
 QUERY_RATE = "rate(pgwarden_queries_total[1m])"
 QUERY_P95 = (

@@ -31,7 +31,7 @@ from tests.support.proxy import (
     launch_with_defaults,
 )
 from tests.support.rawpg import Message, RawClient, error_fields, query_message
-from tests.support.util import PgServer
+from tests.support.util import PgServer, wait_until
 from tests.test_clients_cli import psql
 
 ITEMS_QUERY = "SELECT id, v FROM rules_items ORDER BY id"
@@ -513,7 +513,10 @@ def test_metrics_and_log_events_without_values(proxy: ProxyProcess, victims: str
     assert (block["kind"], block["rule"]) == ("block", "no-unqualified-delete")
     assert block["application_name"] == "rules-test"
     # once per rule and statement shape, whichever test (or protocol) ran it first
-    rewrites = [e for e in proxy.log_events() if e.get("rule") == "email-index"]
+    rewrites = wait_until(
+        lambda: [e for e in proxy.log_events() if e.get("rule") == "email-index"],
+        message="the rewrite logged",
+    )
     assert len(rewrites) == 1, rewrites
     assert rewrites[0]["event"] == "rule_applied" and rewrites[0]["kind"] == "rewrite"
     assert rewrites[0]["statement"] == EMAIL_QUERY and rewrites[0]["fingerprint"]

@@ -223,6 +223,14 @@ def test_error_response_sets_failed_and_passes() -> None:
     assert not auth.failed
     assert auth.feed(raw) == (raw, None)
     assert auth.failed
+    assert auth.error is not None
+    assert (auth.error.sqlstate, auth.error.message) == ("28P01", error.message)
+
+
+def test_malformed_error_response_is_a_protocol_violation() -> None:
+    """The error is decoded to tell why the startup failed; no server sends one unreadable."""
+    with pytest.raises(ProtocolViolation, match="malformed ErrorResponse"):
+        AuthRelay(MAX_MESSAGE).feed(raw_message(b"E", b"SFATAL"))
 
 
 def test_ready_for_query_returns_the_bytes_after_it() -> None:

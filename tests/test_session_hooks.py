@@ -19,7 +19,7 @@ from proxy.metrics import Metrics
 from proxy.protocol import messages as m
 from proxy.rewriters.rules import BLOCK_MARKER, RuleEngine
 from proxy.session.rules import RulesHook
-from proxy.session.timeouts import TimeoutHook
+from proxy.session.timeouts import CANCEL_ANSWER_TIMEOUT, TimeoutHook
 from proxy.timeouts import TimeoutPolicy
 from proxy.tracking.events import Running, StatementEvent
 from proxy.tracking.round_trips import RoundTrips
@@ -370,6 +370,42 @@ def test_the_default_limit_applies_to_other_statements() -> None:
     assert m.ErrorResponse.decode(memoryview(rewritten)[5:]).message == (
         'canceling statement due to statement timeout (pgwarden rule "default", 1s)'
     )
+
+
+def test_a_server_silent_after_the_cancel_ends_the_session() -> None:
+    """Hung (or cut off by the network), the server answers neither the statement nor its
+    cancel: CANCEL_ANSWER_TIMEOUT after the cancel, the session ends with 57014."""
+    t = Timeouts(**REPORTS)
+    t.run("SELECT * FROM report_runs")
+    t.hook.client_sent()
+    t.timers.live[0].fire()
+    wait = t.timers.all[-1]
+    assert wait.delay == CANCEL_ANSWER_TIMEOUT
+    t.timers.now += CANCEL_ANSWER_TIMEOUT
+    wait.fire()
+    sqlstate, message, reason = t.session.calls[-1][1:]
+    assert (sqlstate, reason) == ("57014", "cancel_unanswered")
+    assert 'pgwarden rule "reports", 5s' in message
+
+
+def test_a_server_still_sending_after_the_cancel_is_waited_for() -> None:
+    """Bytes from the server restart the wait (the rest of a large result comes before the
+    error); the cancel's error, once through, ends it."""
+    t = Timeouts(**REPORTS)
+    t.run("SELECT * FROM report_runs")
+    t.hook.client_sent()
+    t.timers.live[0].fire()
+    wait = t.timers.all[-1]
+    t.timers.now += CANCEL_ANSWER_TIMEOUT - 1
+    t.hook.server_sent()  # rows still coming
+    t.timers.now += 1
+    wait.fire()
+    assert not [call for call in t.session.calls if call[0] == "fail"]
+    again = t.timers.all[-1]
+    assert again is not wait and again.delay == pytest.approx(CANCEL_ANSWER_TIMEOUT - 1)
+    assert t.hook.server_error(CANCEL) is not None
+    t.hook.server_sent()
+    assert again.cancelled
 
 
 def test_round_trip_end_clears_a_pending_rewrite() -> None:

@@ -32,6 +32,12 @@ class Transport:
     def close(self) -> None:
         self.closed = True
 
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written went at once
+
     def is_closing(self) -> bool:
         return self.closed
 

@@ -511,7 +511,9 @@ def test_slow_query_advice_only_for_statements_not_cancelled(
     found = advice()
     assert [a["statement"] for a in found] == ["SELECT pg_sleep($1), $2"], found
     assert found[0]["severity"] == "warning"
-    logged = [e for e in slow.log_events() if e.get("event") == "advice"]
+    logged = wait_until(
+        lambda: [e for e in slow.log_events() if e.get("event") == "advice"], message="advice"
+    )
     assert [e["statement"] for e in logged if e["rule"] == "slow_query"] == [found[0]["statement"]]
 
 

@@ -18,9 +18,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pglast import parser
+from pglast import ast, parser
 
-__all__ = ["Analyzer", "Lookup", "Parsed", "StatementInfo", "extract_literals", "split_statements"]
+__all__ = [
+    "COMMANDS",
+    "Analyzer",
+    "Lookup",
+    "Parsed",
+    "StatementInfo",
+    "extract_literals",
+    "split_statements",
+]
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 # What normalize() replaces by `$n`: a whole constant, so a piece of the original text is
@@ -79,6 +87,33 @@ _TRANSACTION_KINDS = {
     "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
     "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
 }
+_EMPTY = "EMPTY"  # the command of a Query with no statement in it
+# Parse tree nodes named like statements that are never a statement of their own
+_NOT_STATEMENTS = ("RawStmt", "SetOperationStmt", "PLAssignStmt", "ReturnStmt")
+
+
+def _command(kind: str, transaction_kind: str = "") -> str:
+    """The command name of a statement whose parse tree node is `kind`: what metrics,
+    advice and the `command` of rule matches call it."""
+    if kind == "TransactionStmt":
+        return _TRANSACTION_KINDS.get(transaction_kind, "TRANSACTION")
+    command = _COMMANDS.get(kind) or kind.removesuffix("Stmt").upper()
+    for verb in ("CREATE", "ALTER", "DROP"):  # CreateFunctionStmt, AlterRoleStmt, ...
+        if command.startswith(verb):
+            return verb
+    return command
+
+
+def _all_commands() -> frozenset[str]:
+    """Every command name _command gives, for every statement node pglast knows."""
+    kinds = [name for name in dir(ast) if name.endswith("Stmt") and name not in _NOT_STATEMENTS]
+    names = {_command(kind) for kind in kinds if kind != "TransactionStmt"}
+    return frozenset(names | set(_TRANSACTION_KINDS.values()) | {_EMPTY})
+
+
+# What a statement's `command` can be once parsed, so a config naming another one (a typo
+# such as DELET) is refused at load instead of silently never matching.
+COMMANDS: frozenset[str] = _all_commands()
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +296,7 @@ class Analyzer:
     def _analyze_normalized(self, normalized: str) -> tuple[StatementInfo, ...]:
         parts = split_statements(normalized)
         if not parts:
-            return (StatementInfo("", normalized.strip(), "EMPTY"),)
+            return (StatementInfo("", normalized.strip(), _EMPTY),)
         if len(parts) == 1:
             return (_describe(parts[0][0], normalized.strip()),)
         return tuple(_describe(stmt, normalized[a:b].strip()) for stmt, a, b in parts)
@@ -293,7 +328,7 @@ def _analyze_original(sql: str, normalized: str) -> tuple[StatementInfo, ...]:
     except parser.ParseError as exc:
         return (_unparsable(sql, str(exc)),)
     if not parts:
-        return (StatementInfo("", normalized.strip(), "EMPTY"),)
+        return (StatementInfo("", normalized.strip(), _EMPTY),)
     infos = []
     for original_stmt, start, end in parts:
         text = sql[start:end].strip()
@@ -317,17 +352,12 @@ def _fingerprint(text: str) -> str:
 
 def _unparsable(sql: str, error: str) -> StatementInfo:
     word = sql.lstrip().split(None, 1)
-    return StatementInfo("", "", word[0].upper() if word else "EMPTY", error=error)
+    return StatementInfo("", "", word[0].upper() if word else _EMPTY, error=error)
 
 
 def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     ((kind, node),) = stmt.items()
-    command = _COMMANDS.get(kind) or kind.removesuffix("Stmt").upper()
-    for verb in ("CREATE", "ALTER", "DROP"):  # CreateFunctionStmt, AlterRoleStmt, ...
-        if command.startswith(verb):
-            command = verb
-    if kind == "TransactionStmt":
-        command = _TRANSACTION_KINDS.get(node.get("kind", ""), "TRANSACTION")
+    command = _command(kind, node.get("kind", ""))
     try:
         fingerprint = parser.fingerprint(text)
     except parser.ParseError:

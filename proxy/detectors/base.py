@@ -1,8 +1,10 @@
 """The narrow interface every detector implements, and what it is told about its session.
 
 A detector instance belongs to one client session: it sees that session's finished
-statements in order and may return advice, and is told when the session ends so it can
-report a burst still open. It keeps only bounded state and never touches I/O.
+statements in order and may return advice, is told the time now and then (`tick`) so it
+can judge what has gone quiet on a connection that stays open, and is told when the
+session ends so it can report a burst still open. It keeps only bounded state and never
+touches I/O.
 
 Its options are a frozen dataclass of its own (`options_type`): the config's
 `detectors.RULE` block is validated against that dataclass's fields, defaults and
@@ -43,6 +45,12 @@ class Detector:
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         """Called for every statement of the session: return fast when it is not of interest."""
+        return NO_ADVICE
+
+    def tick(self, now: float) -> Sequence[Advice]:
+        """Called every quarter second (the Backlog's clock), with the session analysed up
+        to date: `now` (perf_counter seconds) is the earliest time a statement not yet
+        observed could have started. Judges what has been quiet long enough; cheap."""
         return NO_ADVICE
 
     def session_end(self) -> Sequence[Advice]:

@@ -1,7 +1,10 @@
 """Runs of one fingerprint on one session, ended by a transaction change, a gap or the end.
 
 Both loop detectors judge a burst only when it is over, so the advice reports how many
-times the loop really ran, not the moment it crossed a threshold.
+times the loop really ran, not the moment it crossed a threshold. A burst is over once
+a statement of another transaction comes, or once it has been quiet for `gap` seconds:
+told by the next execution of its statement, or by the clock (`quiet`), so a loop on a
+connection that stays open is judged about `gap` after it stopped, whatever comes next.
 """
 
 from __future__ import annotations
@@ -56,8 +59,7 @@ class Bursts(Generic[B]):
         key = event.parsed.info.fingerprint
         burst = self._open.get(key)
         if burst is not None and (
-            burst.transaction != event.transaction
-            or (event.transaction is None and event.started - burst.last > self.gap)
+            burst.transaction != event.transaction or event.started - burst.last > self.gap
         ):
             ended.append(self._open.pop(key))
             burst = None
@@ -69,6 +71,20 @@ class Bursts(Generic[B]):
             self._open.move_to_end(key)
         burst.add(event)
         return burst, ended
+
+    def quiet(self, now: float) -> list[B]:
+        """Ends the bursts quiet for over `gap` at `now` (no statement after them could
+        have started before `now`): the next execution would start a new burst anyway.
+        Bursts are kept in the order they last grew, the quietest first."""
+        ended: list[B] = []
+        bursts = self._open
+        while bursts:
+            key, burst = next(iter(bursts.items()))
+            if now - burst.last <= self.gap:
+                break
+            del bursts[key]
+            ended.append(burst)
+        return ended
 
     def transaction_seen(self, event: StatementEvent) -> list[B]:
         """Any statement of a new transaction ends the bursts of the previous one."""

@@ -39,6 +39,10 @@ class InsertLoop(Detector):
             return NO_ADVICE
         return self._judge(ended) if ended else NO_ADVICE
 
+    def tick(self, now: float) -> Sequence[Advice]:
+        ended = self._bursts.quiet(now)
+        return self._judge(ended) if ended else NO_ADVICE
+
     def session_end(self) -> Sequence[Advice]:
         return self._judge(self._bursts.close_all())
 

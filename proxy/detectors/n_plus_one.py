@@ -24,18 +24,24 @@ from proxy.tracking.events import ResultSample, StatementEvent
 __all__ = ["NPlusOne", "NPlusOneOptions"]
 
 _MAX_SOURCES: Final = 16  # latest multi-row result of this many fingerprints kept as sources
+# What the sources of one session may hold together, rows counted with what each costs
+# beyond its bytes (its bytes object and list slot): an idle session keeps its sources, so
+# this is most of what it costs (at 256 KiB a sample, 300 idle connections took 90 MB).
+_SOURCE_BYTES: Final = 32 * 1024
+_ROW_OVERHEAD: Final = 48
 _MAX_DISTINCT: Final = 10_000
 
 
 class _Source:
     """An earlier result whose column values may be the keys of a loop."""
 
-    __slots__ = ("_sets", "fingerprint", "sample", "statement")
+    __slots__ = ("_sets", "fingerprint", "sample", "size", "statement")
 
-    def __init__(self, event: StatementEvent, sample: ResultSample) -> None:
+    def __init__(self, event: StatementEvent, sample: ResultSample, size: int) -> None:
         self.fingerprint = event.info.fingerprint
         self.statement = event.info.normalized
         self.sample = sample
+        self.size = size  # what its rows cost, as _SOURCE_BYTES counts
         self._sets: list[set[str]] | None = None
 
     def columns(self) -> list[set[str]]:
@@ -75,6 +81,7 @@ class NPlusOne(Detector):
         self.min_repeats = options.min_repeats
         self._bursts: Bursts[_LookupBurst] = Bursts(_LookupBurst)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
+        self._source_bytes = 0  # what the sources' rows cost together
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         info = event.parsed.info
@@ -98,6 +105,10 @@ class NPlusOne(Detector):
             self._keep_source(event)
         return self._judge(ended) if ended else NO_ADVICE
 
+    def tick(self, now: float) -> Sequence[Advice]:
+        ended = self._bursts.quiet(now)
+        return self._judge(ended) if ended else NO_ADVICE
+
     def session_end(self) -> Sequence[Advice]:
         return self._judge(self._bursts.close_all())
 
@@ -107,11 +118,19 @@ class NPlusOne(Detector):
         sample = event.result
         if sample is None or not sample.columns:
             return
+        rows, size = _first_rows(sample.rows, _SOURCE_BYTES)
+        if len(rows) < len(sample.rows):  # loops over its first rows can still be traced
+            sample = ResultSample(sample.description, sample.bind, rows)
         key = event.info.fingerprint
-        self._sources.pop(key, None)
-        self._sources[key] = _Source(event, sample)
-        if len(self._sources) > _MAX_SOURCES:
-            self._sources.popitem(last=False)
+        sources = self._sources
+        replaced = sources.pop(key, None)
+        if replaced is not None:
+            self._source_bytes -= replaced.size
+        sources[key] = _Source(event, sample, size)
+        self._source_bytes += size
+        # the oldest go first; the newest alone fits
+        while len(sources) > _MAX_SOURCES or self._source_bytes > _SOURCE_BYTES:
+            self._source_bytes -= sources.popitem(last=False)[1].size
 
     def _values(self, event: StatementEvent) -> list[str | None]:
         params = event.params()
@@ -201,3 +220,14 @@ class NPlusOne(Detector):
             ),
             time_spent_s=burst.time_spent,
         )
+
+
+def _first_rows(rows: list[bytes], budget: int) -> tuple[list[bytes], int]:
+    """The first of `rows` that cost at most `budget` together, and what they cost."""
+    cost = 0
+    for index, row in enumerate(rows):
+        more = len(row) + _ROW_OVERHEAD
+        if cost + more > budget:
+            return rows[:index], cost
+        cost += more
+    return rows, cost

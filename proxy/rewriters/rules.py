@@ -11,6 +11,7 @@ failed), and pgwarden rewrites that syntax error into its own 42501 error.
 
 from __future__ import annotations
 
+import difflib
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pglast import ast, parse_sql, parser
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
 
-from proxy.analysis.analyzer import StatementInfo, extract_literals, split_statements
+from proxy.analysis.analyzer import COMMANDS, StatementInfo, extract_literals, split_statements
 from proxy.analysis.matching import SessionIdentity, statement_matches
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "RewriteRule",
     "RuleEngine",
     "RuleMatch",
+    "check_command",
     "check_rules",
     "fill_literals",
     "rewrite_statements",
@@ -91,6 +93,21 @@ def _params(sql: str) -> set[int]:
     return {int(n) for n in _PARAM_REF.findall(parser.parse_sql_json(sql))}
 
 
+def check_command(key: str, command: str) -> None:
+    """Raises ValueError naming `key` when `command` is no name pgwarden gives a statement
+    (proxy.analysis.analyzer.COMMANDS): such a rule would never match. Case does not
+    matter, as in matching."""
+    if command.upper() in COMMANDS:
+        return
+    # 0.75: one letter off a word of five or more; the default 0.6 offers SELECT for DELET
+    close = difflib.get_close_matches(command.upper(), sorted(COMMANDS), n=3, cutoff=0.75)
+    if close:
+        known = f"did you mean {' or '.join(close)}?"
+    else:
+        known = f"expected one of {', '.join(sorted(COMMANDS))}"
+    raise ValueError(f"{key}: unknown command {command!r} ({known})")
+
+
 def check_rules(rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]) -> None:
     """Raises ValueError naming the rule when one cannot work as written (names are
     checked with every other kind of rule, in proxy.config)."""
@@ -102,6 +119,8 @@ def check_rules(rewrites: tuple[RewriteRule, ...], blocks: tuple[BlockRule, ...]
         for index, rule in enumerate(rules):
             key = f"{section}[{index}]"
             match = rule.match
+            if match.command is not None:
+                check_command(f"{key}.match.command", match.command)
             if match.statement is not None:
                 try:
                     parser.normalize(match.statement)

@@ -8,6 +8,8 @@ server's SASL offer, since channel binding cannot cross a proxy.
 
 from __future__ import annotations
 
+from typing import cast
+
 from proxy.protocol import codes as c
 from proxy.protocol import messages as m
 from proxy.protocol.framing import BODY, FrameDecoder, ProtocolViolation
@@ -60,7 +62,7 @@ class StartupReader:
 class AuthRelay:
     """The server's side of authentication, message by message, read in place."""
 
-    __slots__ = ("backend_key", "failed", "frames", "max_length", "status")
+    __slots__ = ("backend_key", "error", "frames", "max_length", "status")
 
     def __init__(self, max_message_size: int) -> None:
         self.max_length = max_message_size
@@ -69,8 +71,13 @@ class AuthRelay:
             _AUTH_INTEREST, max_length=max_message_size, inspect_limit=_AUTH_LIMIT
         )
         self.backend_key: tuple[int, bytes] | None = None
-        self.failed = False  # the server sent an ErrorResponse: it will close
+        self.error: m.ErrorResponse | None = None  # the server refused: it will close
         self.status: bytes | None = None  # of the first ReadyForQuery, once it passed
+
+    @property
+    def failed(self) -> bool:
+        """The server sent an ErrorResponse (`error`): authentication or startup failed."""
+        return self.error is not None
 
     def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
         """What to send the client for `data`, and once the first ReadyForQuery passed,
@@ -89,7 +96,7 @@ class AuthRelay:
                     return b"".join(out) + tail, tail
         size = len(data)
         while pos + c.HEADER_SIZE <= size:
-            length = c.message_length(data, pos)
+            length = c.HEADER.unpack_from(data, pos)[1]
             if length < 4 or length > self.max_length:
                 raise ProtocolViolation(
                     f"invalid length {length} for message type {data[pos]:#04x}"
@@ -123,7 +130,10 @@ class AuthRelay:
                 raise ProtocolViolation(str(exc)) from None
             self.backend_key = (key.process_id, key.secret_key)
         elif mtype == c.ERROR_RESPONSE:
-            self.failed = True
+            try:
+                self.error = cast(m.ErrorResponse, m.ErrorResponse.decode(body))
+            except ValueError as exc:
+                raise ProtocolViolation(f"malformed ErrorResponse: {exc}") from None
         elif mtype == c.READY_FOR_QUERY:
             self.status = bytes(body[:1]) or b"I"
         return raw

@@ -35,6 +35,10 @@ __all__ = ["Relay", "RelayOwner"]
 _SERVER_INSPECT_LIMIT = 1 << 16  # larger server messages pass uninspected
 
 
+def _dropped(data: bytes, now: float) -> None:
+    """A closed relay's reader of the server stream: nothing is read any more."""
+
+
 class RelayOwner(Protocol):
     """What the relay needs of the session it runs for."""
 
@@ -171,6 +175,10 @@ class Relay:
         for hook in self.hooks:
             hook.close()
         self.hooks.clear()
+        # Both call back into this relay: left, the cycle would keep the closed session
+        # in memory until the seldom full collection (cli.py), instead of freeing it now.
+        self.errors = None
+        self._feed_server = _dropped
 
     # --------------------------------------------------------- who reads what
 

@@ -24,6 +24,11 @@ __all__ = ["RulesHook"]
 log = get_logger("pgwarden.session")
 
 
+def _as_sent(raw: bytes) -> bytes:
+    """A closed hook's edit: none."""
+    return raw
+
+
 class RulesHook(SessionHook):
     """`at` says where the client stream stands when the rules start (a reload can add
     rules to open sessions): the start of a header already passed on, and the rest of a
@@ -78,6 +83,11 @@ class RulesHook(SessionHook):
     def round_trip_end(self, status: bytes, idle: bool) -> None:
         if self._blocked and not self.session.round_trips.busy:
             self._blocked.clear()  # nothing is owed: the blocks left were skipped
+
+    def close(self) -> None:
+        # The editor calls back into this hook, which holds the session: the cycle would
+        # keep the closed session in memory until the seldom full collection (cli.py).
+        self._editor.edit = _as_sent
 
     def _apply(self, raw: bytes) -> bytes:
         """A Query or Parse as it should reach the server: rewritten, blocked or as sent."""

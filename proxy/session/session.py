@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import ssl
 import time
 from collections.abc import Callable
@@ -44,6 +45,18 @@ __all__ = ["Phase", "Session", "SessionHost"]
 log = get_logger("pgwarden.session")
 
 _PENDING_LIMIT = 1 << 16  # client bytes held while the upstream connection opens
+# A drained session's 57P01 follows the ReadyForQuery that left it idle this much later,
+# or comes as the answer to the client's next message, whichever is first. Sent at once,
+# it lands in the client's read of that ReadyForQuery, and libpq takes an error there for
+# a notice and reports its next statement as a bare lost connection.
+_DRAIN_GRACE = 0.1
+# SQLSTATE classes whose startup errors name at most the user, the database and the host
+# (28P01 password authentication failed for user "app"): their message is logged. Others
+# may quote a value the client sent (22023 invalid value for parameter "…": "…").
+_TOLD_CLASSES = frozenset(("08", "28", "3D", "42", "53", "57"))
+_session_ids = itertools.count(1)  # the ids GET /clients shows and terminate takes
+_STATEMENT_SHOWN = 1024  # characters of the running statement describe() shows
+_IDLE_STATES = {b"I": "idle", b"T": "idle in transaction", b"E": "idle in transaction (aborted)"}
 
 
 class SessionHost(Protocol):
@@ -76,6 +89,7 @@ class Phase(enum.Enum):
 class Session(asyncio.Protocol):
     def __init__(self, host: SessionHost, *, rejected: bool = False) -> None:
         self.host = host
+        self.id = next(_session_ids)
         self.settings = host.settings
         self.metrics = host.metrics
         self.rejected = rejected
@@ -92,6 +106,8 @@ class Session(asyncio.Protocol):
         self.bytes_out = 0
         self.close_reason = ""
         self.draining = False
+        self._drain_timer: asyncio.TimerHandle | None = None  # see _DRAIN_GRACE
+        self._tls_refused = False  # answered N to the client's SSLRequest
         self.round_trips = RoundTrips(self.metrics.record_transaction)
         self.relay: Relay | None = None  # from READY to CLOSED
         self._rules: RulesHook | None = None
@@ -128,6 +144,43 @@ class Session(asyncio.Protocol):
             "application_name": self.application_name or None,
         }
 
+    def describe(self) -> dict[str, object]:
+        """This session as GET /clients lists it, like PgBouncer's SHOW CLIENTS: who, in
+        what state, running what (normalized: never a value) and for how long."""
+        running = self.running()  # catches up first, so the round trips below are current
+        books = self.round_trips
+        now = time.perf_counter()  # the clock of the tracker and of the round trips
+        age = time.monotonic() - self.started
+        if self.phase is not Phase.READY:
+            state = self.phase.value
+        elif running is not None or books.busy:
+            state = "active"
+        else:
+            state = _IDLE_STATES.get(books.status, "idle")
+        statement = running.event.info.normalized if running is not None else ""
+        if len(statement) > _STATEMENT_SHOWN:
+            statement = statement[: _STATEMENT_SHOWN - 1] + "…"
+        in_transaction = books.status != b"I" and books.transaction_started > 0
+        return {
+            "id": self.id,
+            "pid": self.backend_key[0] if self.backend_key is not None else None,
+            "client": self.peer,
+            "tls": self.tls,
+            "user": self.user or None,
+            "database": self.database or None,
+            "application_name": self.application_name or None,
+            "state": state,
+            "connected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age)),
+            "age_s": round(age, 3),
+            "transaction_age_s": (
+                round(now - books.transaction_started, 3) if in_transaction else None
+            ),
+            "statement": statement or None,
+            "statement_age_s": round(now - running.started, 3) if running is not None else None,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
     # ------------------------------------------------------------------ phases
 
     def _enter(self, phase: Phase) -> None:
@@ -137,6 +190,9 @@ class Session(asyncio.Protocol):
         if ends_startup and self._timer is not None:  # the startup deadline
             self._timer.cancel()
             self._timer = None
+        if phase is Phase.CLOSED and self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
     # ------------------------------------------------------------ client side
 
@@ -154,6 +210,9 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         relay = self.relay
         if relay is not None:
+            if self._drain_timer is not None:  # drained: 57P01 is this message's answer
+                self._drained()
+                return
             if self._rules is None and self.host.rules is not None:
                 self._start_rules()  # rules added by a reload apply to open sessions too
             relay.client_data(data)
@@ -175,6 +234,10 @@ class Session(asyncio.Protocol):
         self.client = None
         if self.relay is not None:
             self.relay.client = None
+        if self.phase is Phase.STARTUP and self._tls_refused:  # libpq's sslmode=require
+            self._startup_failed(
+                "tls_refused", None, "the client asked for TLS, which pgwarden does not offer"
+            )
         if self.phase is not Phase.CLOSED:
             self._close(self.close_reason or ("client_error" if exc else "client_closed"))
 
@@ -222,6 +285,8 @@ class Session(asyncio.Protocol):
                     self._connect_task = asyncio.ensure_future(self._start_client_tls())
                     return
                 self._write_client(b"N")
+                if isinstance(packet, SSLRequest):
+                    self._tls_refused = True
             elif isinstance(packet, CancelRequest):
                 # Closed once the cancel was delivered, as PostgreSQL closes it once read:
                 # a client such as libpq waits for that before it sends anything more.
@@ -326,8 +391,10 @@ class Session(asyncio.Protocol):
             self.protocol_violation("server", exc)
             return
         self.backend_key = auth.backend_key
-        if auth.failed:  # authentication failed; the server will close
+        error = auth.error
+        if error is not None and not self.round_trips.fatal_seen:  # the server will close
             self.round_trips.fatal_seen = True
+            self._startup_failed(_refusal_kind(error.sqlstate), error.sqlstate, _told(error))
         if out:
             self._write_client(out)
         self.bytes_out += len(data)
@@ -408,19 +475,27 @@ class Session(asyncio.Protocol):
         """Close once no transaction is open; sessions not yet authenticated close now."""
         self.draining = True
         if self.phase is Phase.READY:
-            self.drain_if_idle()
+            if self.relay is not None:
+                self.relay.catch_up()
+            if self.round_trips.idle:  # its client reads the error with its next statement
+                self._drained()
         elif self.phase is not Phase.CLOSED:
             self.fail("57P03", "the database system is shutting down", "draining")
 
     def drain_if_idle(self) -> None:
+        """Server bytes reached the client of a draining session: once they leave it idle,
+        it ends after `_DRAIN_GRACE` or at the client's next message."""
         if self.relay is not None:
             self.relay.catch_up()
-        if self.round_trips.idle and self.phase is Phase.READY:
-            self.fail(
-                "57P01",
-                "terminating connection due to administrator command (pgwarden is shutting down)",
-                "drained",
-            )
+        if self.round_trips.idle and self.phase is Phase.READY and self._drain_timer is None:
+            self._drain_timer = asyncio.get_running_loop().call_later(_DRAIN_GRACE, self._drained)
+
+    def _drained(self) -> None:
+        self.fail(
+            "57P01",
+            "terminating connection due to administrator command (pgwarden is shutting down)",
+            "drained",
+        )
 
     def terminate(self, reason: str) -> None:
         """Ends the session now, whatever it is doing."""
@@ -436,7 +511,7 @@ class Session(asyncio.Protocol):
         if self.relay is not None:
             self.relay.catch_up()
         if self.round_trips.fatal_seen or self.round_trips.terminated:
-            self._close("server_closed")
+            self._close(self.close_reason or "server_closed")
             return
         self.metrics.connection_errors["upstream_lost"].inc()
         log.warning(
@@ -457,6 +532,16 @@ class Session(asyncio.Protocol):
             self._close("protocol_violation")
         else:
             self._close("internal_error")
+
+    def _startup_failed(self, kind: str, sqlstate: str | None, error: str | None) -> None:
+        """A startup refused, by PostgreSQL (its SQLSTATE) or by pgwarden's lack of TLS:
+        counted, logged (the server's message only where `_told` allows) and the reason
+        the connection closes."""
+        self.metrics.connection_errors[kind].inc()
+        self.close_reason = kind
+        log.warning(
+            "startup_failed", kind=kind, sqlstate=sqlstate, error=error, **self.log_fields()
+        )
 
     def _startup_expired(self) -> None:
         self._timer = None
@@ -519,11 +604,17 @@ class Session(asyncio.Protocol):
                 self.host.forward_cancel(CancelRequest(*self.backend_key))
             elif relay is not None and self._client_frames.at_boundary and not books.terminated:
                 server.write(m.Terminate().encode())
-            server.close()
+            if server.get_write_buffer_size():
+                # A server that does not read what it was sent would hold a closing
+                # connection (and its buffer) open until it read it all: maybe never.
+                server.abort()
+            else:
+                server.close()
         if self.client is not None:
             self.client.close()
         if relay is not None:
             self.relay = None  # whatever still arrives is dropped
+            self._rules = None  # it refers back to us: reference counting frees us now
             relay.close()
             if relay.inspector is not None:
                 relay.inspector.close()
@@ -546,6 +637,20 @@ class Session(asyncio.Protocol):
     def _write_client(self, data: bytes) -> None:
         if self.client is not None and not self.client.is_closing():
             self.client.write(data)
+
+
+def _refusal_kind(sqlstate: str) -> str:
+    """The pgwarden_connection_errors_total kind of a startup PostgreSQL refused."""
+    if sqlstate.startswith("28"):  # invalid_authorization_specification, invalid_password
+        return "auth_failed"
+    if sqlstate == "3D000":  # invalid_catalog_name
+        return "unknown_database"
+    return "startup_failed"
+
+
+def _told(error: m.ErrorResponse) -> str | None:
+    """The server's message, where its SQLSTATE class cannot quote a client's value."""
+    return error.message if error.sqlstate[:2] in _TOLD_CLASSES else None
 
 
 class _Upstream(asyncio.Protocol):

@@ -4,7 +4,8 @@ The guard (proxy/timeouts.py) owns the timers; this hook tells it what the serve
 each chunk passes, and acts when a timer fires: a statement over its limit is cancelled
 (nothing new reaches the server until the cancel is delivered, so it cannot hit the next
 statement) and its 57014 error is rewritten to name the rule; a transaction over its
-limit ends the session.
+limit ends the session. A server that then stays silent (hung, or the network to it) ends
+the session too: its client must not wait forever for an answer that will not come.
 """
 
 from __future__ import annotations
@@ -17,11 +18,23 @@ from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.editor import FlushInserter
 from proxy.session.hooks import SessionControl, SessionHook
-from proxy.timeouts import Limit, Scheduler, TimeoutGuard, TimeoutPolicy, rewrite_cancel
+from proxy.timeouts import (
+    Limit,
+    Scheduler,
+    TimeoutGuard,
+    TimeoutPolicy,
+    TimerHandle,
+    rewrite_cancel,
+)
 
-__all__ = ["TimeoutHook"]
+__all__ = ["CANCEL_ANSWER_TIMEOUT", "TimeoutHook"]
 
 log = get_logger("pgwarden.session")
+
+# Once a statement over its limit is cancelled, the server has this long to send anything
+# (the 57014, the rest of the result) before the session is ended; every byte it sends
+# restarts the wait. PostgreSQL answers a cancel within milliseconds.
+CANCEL_ANSWER_TIMEOUT = 5.0
 
 
 class TimeoutHook(SessionHook):
@@ -50,6 +63,9 @@ class TimeoutHook(SessionHook):
             self._transaction_timed_out,
         )
         self._clock = clock
+        self._call_later = call_later
+        self._unanswered: TimerHandle | None = None  # see CANCEL_ANSWER_TIMEOUT
+        self._heard = 0.0  # when the server last sent anything while a cancel waits
         # PostgreSQL holds pipelined replies until a Sync or Flush: a Flush after each
         # Execute shows when each statement ends, so each is timed on its own
         self._flushes = FlushInserter(header_sent=at[0], passing=at[1])
@@ -64,9 +80,15 @@ class TimeoutHook(SessionHook):
 
     def round_trip_end(self, status: bytes, idle: bool) -> None:
         self._timed_out = None  # the round trip ended: its error went through
+        self._stop_waiting()
         self.guard.ready(status, idle)
 
     def server_sent(self) -> None:  # every chunk: a reply may start the next statement
+        if self._unanswered is not None:
+            if self._timed_out is None:
+                self._stop_waiting()  # the cancel's error went through
+            else:
+                self._heard = self._clock()
         self.guard.running(self.session.running())
 
     @property
@@ -83,6 +105,7 @@ class TimeoutHook(SessionHook):
         return rewritten
 
     def close(self) -> None:
+        self._stop_waiting()
         self.guard.close()
 
     def _statement_timed_out(self, info: StatementInfo, started: float, limit: Limit) -> None:
@@ -103,6 +126,42 @@ class TimeoutHook(SessionHook):
         # that arrives after the statement ended cannot hit the next one.
         session.pause_client("cancel")
         session.cancel_backend(lambda: session.resume_client("cancel"))
+        self._heard = self._clock()
+        if self._unanswered is None:
+            self._unanswered = self._call_later(CANCEL_ANSWER_TIMEOUT, self._cancel_unanswered)
+
+    def _cancel_unanswered(self) -> None:
+        """The server sent nothing since the cancel (or since its last bytes) for
+        CANCEL_ANSWER_TIMEOUT: unless the statement's error went through meanwhile, the
+        session ends."""
+        self._unanswered = None
+        limit = self._timed_out
+        if limit is None:
+            return
+        quiet = self._clock() - self._heard
+        if quiet < CANCEL_ANSWER_TIMEOUT:
+            self._unanswered = self._call_later(
+                CANCEL_ANSWER_TIMEOUT - quiet, self._cancel_unanswered
+            )
+            return
+        log.warning(
+            "cancel_unanswered",
+            rule=limit.rule,
+            limit_s=round(limit.seconds, 3),
+            waited_s=round(quiet, 3),
+            **self.session.log_fields(),
+        )
+        self.session.fail(
+            "57014",
+            "terminating connection: the server answered neither a statement over its "
+            f'timeout nor its cancel (pgwarden rule "{limit.rule}", {limit.describe()})',
+            "cancel_unanswered",
+        )
+
+    def _stop_waiting(self) -> None:
+        if self._unanswered is not None:
+            self._unanswered.cancel()
+            self._unanswered = None
 
     def _transaction_timed_out(self, kind: str, limit: Limit) -> None:
         self.metrics.transaction_timeouts[kind].inc()

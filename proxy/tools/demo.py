@@ -2,12 +2,15 @@
 
 Everything runs for real: the cluster from the local PostgreSQL binaries, pgwarden as its
 own process, and an app written the way real apps go wrong (a lazy-loading list page,
-row-by-row imports). What the demo prints is what pgwarden itself reports.
+row-by-row imports). What the demo prints is what pgwarden itself reports. With `keep`,
+all of it stays up until SIGINT or SIGTERM, so the addresses it prints can be opened.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -91,14 +94,41 @@ def _app(dsn: str) -> list[str]:
     return stopped
 
 
-def run_demo() -> int:
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _ignore_stop_signals() -> None:
+    """Cleaning up has begun: a second Ctrl-C must not leave half of it undone."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_demo(keep: bool = False) -> int:
+    """Runs the demo; with `keep`, leaves PostgreSQL and pgwarden running until SIGINT or
+    SIGTERM. Either signal, at any point, stops and removes everything the demo started."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
         print("pgwarden demo drives its app with psycopg: pip install 'pgwarden[demo]'")
         return 1
+    # SIGTERM too ends the demo through its cleanup (by default it would kill it outright)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in _STOP_SIGNALS}
+    try:
+        return _demo(keep)
+    except KeyboardInterrupt:
+        print("\nInterrupted: PostgreSQL and pgwarden are stopped and their files removed.")
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _demo(keep: bool) -> int:
     print("Starting a throwaway PostgreSQL from the local binaries ...")
-    with LocalCluster(ssl=False, password_roles=False) as pg, tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="pgwarden-demo-") as tmp,
+        LocalCluster(ssl=False, password_roles=False, base_dir=_enterable(tmp)) as pg,
+    ):
         port, admin = free_port(), free_port()
         config = Path(tmp) / "pgwarden.yaml"
         config.write_text(
@@ -113,15 +143,17 @@ def run_demo() -> int:
         )
         log_path = Path(tmp) / "pgwarden.log"
         with log_path.open("wb") as log:
+            # In a session of its own, so a Ctrl-C meant for the demo reaches only the demo,
+            # which then stops pgwarden as an orchestrator would (SIGTERM, drain)
             proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             _wait_for_port(port, proc)
-            print(f"pgwarden listens on 127.0.0.1:{port} in front of it")
-            print(f"  metrics: http://127.0.0.1:{admin}/metrics   advice: /advice\n")
+            print(f"pgwarden listens on 127.0.0.1:{port} in front of it\n")
             print("Running a small bookshop app through pgwarden ...\n")
             stopped = _app(f"host=127.0.0.1 port={port} user=postgres dbname=postgres")
             time.sleep(0.3)
@@ -151,10 +183,45 @@ def run_demo() -> int:
             if lines:
                 print("\nAnd one advice as the JSON line developers find in pgwarden's log:")
                 print(f"  {lines[0]}")
-            return 0 if advice else 1
+            if not keep:
+                print(
+                    "\nThe demo ends here, and PostgreSQL and pgwarden with it. To keep them "
+                    "running and look\naround (psql, /metrics, /advice): pgwarden demo --keep "
+                    "(in a checkout: .venv/bin/pgwarden)"
+                )
+                return 0 if advice else 1
+            try:
+                _keep_running(port, base, proc.pid, tmp)
+                proc.wait()
+            except KeyboardInterrupt:
+                print(f"\nStopping pgwarden and PostgreSQL, removing {tmp} ...")
+                return 0
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+            print(f"\npgwarden exited on its own (code {proc.returncode}); its log ends:\n{tail}")
+            return 1
         finally:
+            _ignore_stop_signals()
             proc.terminate()
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _enterable(path: str) -> Path:
+    """`path`, which the PostgreSQL OS user may enter (when root, it runs the cluster)."""
+    Path(path).chmod(0o711)
+    return Path(path)
+
+
+def _keep_running(port: int, admin: str, pid: int, tmp: str) -> None:
+    """What stays up with --keep, and how to reach it."""
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+    print(f"""
+Everything keeps running until Ctrl-C (or SIGTERM to pid {os.getpid()}):
+  the app's database, through pgwarden:  psql "{dsn}"
+  metrics:   {admin}/metrics
+  advice:    {admin}/advice   or: pgwarden advice --admin {admin}
+  pgwarden:  pid {pid}
+  files:     {tmp} (removed when the demo stops)""")
+    sys.stdout.flush()  # for a reader on a pipe, who would otherwise see nothing until the end

@@ -24,7 +24,9 @@ def format_advice(advice: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     for i, a in enumerate(advice, 1):
-        lines.append(f"[{i}] {a['rule']} on {', '.join(a['tables']) or '-'} ({a['database']})")
+        app = a.get("application_name")  # advice is per application: say whose
+        where = f"{a['database']}, application {app}" if app else a["database"]
+        lines.append(f"[{i}] {a['rule']} on {', '.join(a['tables']) or '-'} ({where})")
         lines.append(f"    statement: {_short(a['statement'], 200)}")
         source = a.get("source")
         if source:

@@ -181,10 +181,13 @@ def launch_proxy(
     *,
     extra_args: list[str] | None = None,
     env: Mapping[str, str] | None = None,
+    stdout: int | None = None,
 ) -> ProxyProcess:
     """Write `config` to WORKDIR/NAME.yaml, start pgwarden on it with its output in
     WORKDIR/NAME.log, and return once it accepts clients and /healthz answers 200; if it does
-    not come up, stop it and raise with its log, usually the only clue to why."""
+    not come up, stop it and raise with its log, usually the only clue to why. `stdout` (a
+    file descriptor, e.g. a pipe's end) takes its standard output; the log then gets only
+    its standard error."""
     config_path = workdir / f"{name}.yaml"
     log_path = workdir / f"{name}.log"
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
@@ -192,8 +195,8 @@ def launch_proxy(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*command, *(extra_args or [])],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else log,
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
@@ -214,7 +217,8 @@ def launch_with_defaults(
     *,
     extra_args: list[str] | None = None,
     env: Mapping[str, str] | None = None,
+    stdout: int | None = None,
 ) -> ProxyProcess:
     """launch_proxy() in front of `pg`, with `config` laid over the test defaults."""
     merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
-    return launch_proxy(workdir, name, merged, extra_args=extra_args, env=env)
+    return launch_proxy(workdir, name, merged, extra_args=extra_args, env=env, stdout=stdout)
