@@ -49,3 +49,24 @@ def test_checkout_targets_name_another_tree_with_its_own_venv(tmp_path: Path) ->
         bench_run.parse_args(["--checkout", f"x={tmp_path}"])  # no .venv there
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--checkout", f"pgwarden={REPO_ROOT}"])  # a built-in target
+
+
+@pytest.mark.parametrize(("mode", "analysis"), [("prepared", "on"), ("simple", "off")])
+def test_relay_benchmark_drives_a_session_to_ready_and_times_it(mode: str, analysis: str) -> None:
+    """bench/relay.py feeds pgbench's messages through a real Session; it asserts the
+    session reached READY, so a change to startup that broke it would fail here."""
+    result = subprocess.run(
+        [sys.executable, "bench/relay.py", "--mode", mode, "--analysis", analysis, "-t", "500"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    found = re.fullmatch(
+        rf"{mode}, analysis {analysis}: (\d+\.\d\d) µs per transaction \((\w+)\)\n",
+        result.stdout,
+    )
+    assert found is not None, result.stdout
+    assert float(found.group(1)) > 0
