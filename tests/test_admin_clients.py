@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -27,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
 from proxy.config import ADMIN_TOKEN_ENV
-from tests.support.proxy import REPO_ROOT, ProxyProcess, launch_with_defaults
+from tests.support.proxy import ProxyProcess, launch_with_defaults, pgwarden
 from tests.support.util import PgServer, wait_until
 
 StartProxy = Callable[..., ProxyProcess]
@@ -48,19 +45,6 @@ def admin_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Itera
     process = launch_with_defaults(pg, workdir, "proxy", config, env=NO_ENV_TOKEN)
     yield process
     process.stop()
-
-
-def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m proxy ARGS` as an operator runs it; stdout and stderr captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def clients(proxy: ProxyProcess) -> list[dict[str, Any]]:

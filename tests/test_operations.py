@@ -24,7 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
-from tests.support.proxy import REPO_ROOT, ProxyProcess, default_config
+from tests.support.proxy import REPO_ROOT, ProxyProcess, default_config, pgwarden
 from tests.support.util import PgServer, free_port, wait_until
 
 StartProxy = Callable[..., ProxyProcess]
@@ -215,19 +215,6 @@ def test_sighup_applies_a_new_log_level(proxy_factory: StartProxy) -> None:
 
 
 # ------------------------------------------------------------------ command line
-
-
-def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m proxy ARGS`, as a user would run it; stdout and stderr captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 VALID_CONFIG = {

@@ -23,6 +23,7 @@ from proxy.session.timeouts import CANCEL_ANSWER_TIMEOUT, TimeoutHook
 from proxy.timeouts import TimeoutPolicy
 from proxy.tracking.events import Running, StatementEvent
 from proxy.tracking.round_trips import RoundTrips
+from tests.support.fake_timers import Timers
 
 ALICE = SessionIdentity("alice", "shop", "web")
 ANALYZER = Analyzer()
@@ -64,40 +65,6 @@ class Control:
 
     def fail(self, sqlstate: str, message: str, reason: str) -> None:
         self.calls.append(("fail", sqlstate, message, reason))
-
-
-class Timer:
-    def __init__(self, delay: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.delay = delay
-        self.callback = callback
-        self.args = args
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def fire(self) -> None:
-        self.callback(*self.args)
-
-
-class Timers:
-    """A fake call_later and clock."""
-
-    def __init__(self) -> None:
-        self.now = 500.0
-        self.all: list[Timer] = []
-
-    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
-        timer = Timer(delay, callback, args)
-        self.all.append(timer)
-        return timer
-
-    def clock(self) -> float:
-        return self.now
-
-    @property
-    def live(self) -> list[Timer]:
-        return [t for t in self.all if not t.cancelled]
 
 
 def counter(metrics: Metrics, name: str, **labels: str) -> float:

@@ -31,6 +31,7 @@ from proxy.session.timeouts import TimeoutHook
 from proxy.timeouts import TimeoutPolicy
 from proxy.tracking.events import Running
 from proxy.tracking.round_trips import CLIENT_INTEREST, RoundTrips
+from tests.support.fake_timers import Timers
 
 ALICE = SessionIdentity("alice", "shop", "web")
 MAX_MESSAGE = 1 << 30
@@ -154,36 +155,6 @@ class Control:
 
     def fail(self, sqlstate: str, message: str, reason: str) -> None:
         self.calls.append(("fail", sqlstate, reason))
-
-
-class Timer:
-    def __init__(self, delay: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.delay = delay
-        self.callback = callback
-        self.args = args
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def fire(self) -> None:
-        self.callback(*self.args)
-
-
-class Timers:
-    """A fake call_later: timers fire only when told to."""
-
-    def __init__(self) -> None:
-        self.all: list[Timer] = []
-
-    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
-        timer = Timer(delay, callback, args)
-        self.all.append(timer)
-        return timer
-
-    @property
-    def live(self) -> list[Timer]:
-        return [t for t in self.all if not t.cancelled]
 
 
 class Playbook:

@@ -222,3 +222,16 @@ def launch_with_defaults(
     """launch_proxy() in front of `pg`, with `config` laid over the test defaults."""
     merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
     return launch_proxy(workdir, name, merged, extra_args=extra_args, env=env, stdout=stdout)
+
+
+def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy ARGS` as an operator runs it; stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
