@@ -203,10 +203,19 @@ def launch_proxy(
     proxy = ProxyProcess(config, config_path, log_path, process)
     try:
         proxy.wait_ready()
-    except RuntimeError:
+    except RuntimeError as exc:
         proxy.stop()
+        if process.returncode == EXIT_CANNOT_LISTEN:
+            raise PortTaken(str(exc)) from None
         raise
     return proxy
+
+
+EXIT_CANNOT_LISTEN = 3  # pgwarden run's exit code when a port is taken
+
+
+class PortTaken(RuntimeError):
+    """A free port picked for the proxy was taken by someone else before it listened."""
 
 
 def launch_with_defaults(
@@ -219,9 +228,24 @@ def launch_with_defaults(
     env: Mapping[str, str] | None = None,
     stdout: int | None = None,
 ) -> ProxyProcess:
-    """launch_proxy() in front of `pg`, with `config` laid over the test defaults."""
-    merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
-    return launch_proxy(workdir, name, merged, extra_args=extra_args, env=env, stdout=stdout)
+    """launch_proxy() in front of `pg`, with `config` laid over the test defaults; ports
+    are picked afresh if one was taken between picking and listening (a race of the
+    parallel test processes and the system's own)."""
+    for attempt in range(3):
+        merged = deep_merge(default_config(f"{pg.host}:{pg.port}"), config or {})
+        try:
+            return launch_proxy(
+                workdir,
+                f"{name}-{attempt}" if attempt else name,
+                merged,
+                extra_args=extra_args,
+                env=env,
+                stdout=stdout,
+            )
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
