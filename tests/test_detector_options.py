@@ -19,7 +19,9 @@ from structlog.testing import capture_logs
 from proxy.config import ConfigError, Settings, parse_duration, settings_from_dict
 from proxy.detectors import DETECTORS, DetectorOptions, SessionIdentity, build_detectors
 from proxy.detectors.insert_loop import InsertLoop, InsertLoopOptions
+from proxy.detectors.leading_wildcard import LeadingWildcard, LeadingWildcardOptions
 from proxy.detectors.n_plus_one import NPlusOne, NPlusOneOptions
+from proxy.detectors.not_in_subquery import NotInSubquery, NotInSubqueryOptions
 from proxy.detectors.slow_query import SlowQuery, SlowQueryOptions
 from proxy.durations import Duration
 
@@ -82,6 +84,8 @@ def test_default_settings_hold_every_rule_with_its_defaults() -> None:
         "n_plus_one": NPlusOneOptions(min_repeats=5),
         "insert_loop": InsertLoopOptions(min_repeats=10),
         "slow_query": SlowQueryOptions(threshold=Duration(1.0)),
+        "not_in_subquery": NotInSubqueryOptions(),
+        "leading_wildcard": LeadingWildcardOptions(warn_above=Duration(0.01)),
     }
     assert settings_from_dict(yaml.safe_load(SHIPPED.read_text())) == settings
 
@@ -106,6 +110,8 @@ def test_a_block_sets_its_rule_and_leaves_the_others_at_their_defaults() -> None
     assert settings.detectors.enabled() == {
         "n_plus_one": NPlusOneOptions(min_repeats=3),
         "slow_query": SlowQueryOptions(threshold=Duration(0.25)),
+        "not_in_subquery": NotInSubqueryOptions(),
+        "leading_wildcard": LeadingWildcardOptions(),
     }
     assert settings_from_dict({"detectors": {"slow_query": {}}}).detectors == Settings().detectors
 
@@ -119,6 +125,8 @@ def test_check_config_prints_every_rule_with_its_options(tmp_path: Path) -> None
         "n_plus_one": {"enabled": True, "min_repeats": 5},
         "insert_loop": {"enabled": False, "min_repeats": 10},
         "slow_query": {"enabled": True, "threshold": "120s"},
+        "not_in_subquery": {"enabled": True},
+        "leading_wildcard": {"enabled": True, "warn_above": "0.01s"},
     }
 
 
@@ -163,7 +171,13 @@ def test_check_config_exits_2_naming_the_key(
 
 def test_build_detectors_builds_each_enabled_rule_with_its_options() -> None:
     built = build_detectors(settings_from_dict({}).detectors.enabled(), WHO)
-    assert [type(d) for d in built] == [NPlusOne, InsertLoop, SlowQuery]
+    assert [type(d) for d in built] == [
+        NPlusOne,
+        InsertLoop,
+        SlowQuery,
+        NotInSubquery,
+        LeadingWildcard,
+    ]
     built = build_detectors(
         {"n_plus_one": NPlusOneOptions(min_repeats=3), "slow_query": SlowQueryOptions()}, WHO
     )

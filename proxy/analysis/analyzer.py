@@ -23,6 +23,7 @@ from pglast import ast, parser
 __all__ = [
     "COMMANDS",
     "Analyzer",
+    "LikePredicate",
     "Lookup",
     "Parsed",
     "StatementInfo",
@@ -126,6 +127,16 @@ class Lookup:
 
 
 @dataclass(frozen=True, slots=True)
+class LikePredicate:
+    """`column LIKE pattern` (ILIKE, `~~`, `~~*` and the NOT forms alike)."""
+
+    column: str | None  # the column matched, when the left side is a plain column
+    table: str | None  # its table, when that can be told
+    param: int  # the `$n` the pattern is; 0 when it is a string constant
+    leading_wildcard: bool = False  # a constant pattern starting with % or _
+
+
+@dataclass(frozen=True, slots=True)
 class StatementInfo:
     """What pgwarden knows about one statement, independent of its parameter values."""
 
@@ -145,6 +156,8 @@ class StatementInfo:
     has_join: bool = False
     aggregate_only: bool = False
     param_count: int = 0  # highest $n in the normalized text
+    not_in_subquery: bool = False  # `x NOT IN (SELECT ...)` somewhere in it
+    likes: tuple[LikePredicate, ...] = ()  # LIKE/ILIKE predicates on a pattern
     error: str | None = None  # why pglast could not parse it
 
     @property
@@ -371,6 +384,10 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     elif kind in ("UpdateStmt", "DeleteStmt"):
         facts = {"has_where": "whereClause" in node}
         facts["lookups"] = _lookups(node.get("whereClause"), tables)
+    upper = text.upper()
+    if "NOT" in upper or "LIKE" in upper or "~~" in upper:
+        # only then can it hold a NOT IN or a LIKE: the parse tree decides which, if any
+        facts.update(_predicate_facts(stmt, tables))
     lookups = facts.get("lookups", ())
     if any(x.table is not None and x.table not in tables for x in lookups):
         aliases = _aliases(stmt)  # `o.id = $1` with `orders o` in a join: the table is orders
@@ -472,6 +489,63 @@ def _lookups(where: dict[str, Any] | None, tables: tuple[str, ...]) -> tuple[Loo
         table = tables[0] if len(tables) == 1 else None
         found.append(Lookup(name, number, table if qualifier is None or table else qualifier))
     return tuple(found)
+
+
+_LIKE_KINDS = ("AEXPR_LIKE", "AEXPR_ILIKE")
+_LIKE_OPERATORS = ("~~", "~~*", "!~~", "!~~*")
+
+
+def _predicate_facts(stmt: dict[str, Any], tables: tuple[str, ...]) -> dict[str, Any]:
+    """NOT IN subqueries and LIKE predicates anywhere in the statement: {} when it has none,
+    so the StatementInfo keeps its defaults."""
+    not_in = False
+    likes: list[LikePredicate] = []
+    for n in _walk(stmt):
+        boolean = n.get("BoolExpr")
+        if boolean is not None:
+            args = boolean.get("args") or []
+            if (
+                boolean.get("boolop") == "NOT_EXPR"
+                and len(args) == 1
+                and args[0].get("SubLink", {}).get("subLinkType") == "ANY_SUBLINK"
+            ):
+                not_in = True
+            continue
+        expr = n.get("A_Expr")
+        if expr is None:
+            continue
+        kind = expr.get("kind")
+        if kind == "AEXPR_OP":
+            names = expr.get("name") or [{}]
+            if names[-1].get("String", {}).get("sval") not in _LIKE_OPERATORS:
+                continue
+        elif kind not in _LIKE_KINDS:
+            continue
+        likes.append(_like(expr, tables, stmt))
+    facts: dict[str, Any] = {}
+    if not_in:
+        facts["not_in_subquery"] = True
+    if likes:
+        facts["likes"] = tuple(likes)
+    return facts
+
+
+def _like(expr: dict[str, Any], tables: tuple[str, ...], stmt: dict[str, Any]) -> LikePredicate:
+    pattern = expr.get("rexpr", {})
+    if "TypeCast" in pattern:
+        pattern = pattern["TypeCast"]["arg"]
+    number = _param_number(pattern) or 0
+    constant = pattern.get("A_Const", {}).get("sval", {}).get("sval")
+    leading = isinstance(constant, str) and constant[:1] in ("%", "_")
+    column = _column_name(expr.get("lexpr", {}))
+    if column is None:
+        return LikePredicate(None, None, number, leading)
+    qualifier, name = column
+    if qualifier is None:
+        table = tables[0] if len(tables) == 1 else None
+    else:
+        table = _aliases(stmt).get(qualifier) or (qualifier if qualifier in tables else None)
+    return LikePredicate(name, table, number, leading)
 
 
 def _is_batched(where: dict[str, Any] | None) -> bool:

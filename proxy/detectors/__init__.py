@@ -10,7 +10,9 @@ from collections.abc import Mapping
 
 from proxy.detectors.base import Detector, DetectorOptions, SessionIdentity
 from proxy.detectors.insert_loop import InsertLoop
+from proxy.detectors.leading_wildcard import LeadingWildcard
 from proxy.detectors.n_plus_one import NPlusOne
+from proxy.detectors.not_in_subquery import NotInSubquery
 from proxy.detectors.slow_query import SlowQuery
 from proxy.logs import get_logger
 
@@ -18,7 +20,9 @@ __all__ = ["DETECTORS", "Detector", "DetectorOptions", "SessionIdentity", "build
 
 log = get_logger("pgwarden.detectors")
 
-DETECTORS: dict[str, type[Detector]] = {cls.rule: cls for cls in (NPlusOne, InsertLoop, SlowQuery)}
+DETECTORS: dict[str, type[Detector]] = {
+    cls.rule: cls for cls in (NPlusOne, InsertLoop, SlowQuery, NotInSubquery, LeadingWildcard)
+}
 
 
 def build_detectors(
