@@ -259,3 +259,20 @@ def pgwarden(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def assert_secret_stays_inside(
+    proxy: ProxyProcess, secret: str, logged: str, *, fingerprints: bool = True
+) -> None:
+    """Neither `secret` nor its start appears in anything pgwarden shows: its log (once
+    the line `logged` was written: the log is written asynchronously), /advice,
+    /fingerprints (normalized SQL: identifiers stay, so skip it when the secret is also
+    used as one) or /metrics."""
+    log = wait_until(lambda: logged in proxy.log_text() and proxy.log_text(), message=logged)
+    shown = [("log", log)]
+    paths = ("/advice", "/fingerprints", "/metrics") if fingerprints else ("/advice", "/metrics")
+    for path in paths:
+        shown.append((path, proxy.http_get(path)[1]))
+    for where, text in shown:
+        assert secret not in text, f"the secret leaked into {where}"
+        assert secret[:12] not in text, f"part of the secret leaked into {where}"
