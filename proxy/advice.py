@@ -42,10 +42,13 @@ class Advice:
     application_name: str
     source: dict[str, str] | None = None
     time_spent_s: float = 0.0  # time the offending statements took in this burst
+    # the figures that triggered it (counts, window, rows, bytes, durations), never a value
+    evidence: dict[str, int | float | str] | None = None
 
     def fields(self) -> dict[str, Any]:
         data = asdict(self)
         data["tables"] = list(self.tables)
+        data["evidence"] = dict(self.evidence) if self.evidence else {}
         data["time_spent_ms"] = round(data.pop("time_spent_s") * 1000, 3)
         return data
 

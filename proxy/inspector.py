@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from proxy.advice import Advice, AdviceSink
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
-from proxy.detectors import Detector, DetectorOptions, SessionIdentity, build_detectors
+from proxy.detectors import (
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+    build_detectors,
+)
 from proxy.fingerprints import Client
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
@@ -31,13 +37,15 @@ log = get_logger("pgwarden.inspector")
 
 @dataclass
 class Analysis:
-    """What all sessions share: the statement cache, the advice sink, detector options."""
+    """What all sessions share: the statement cache, the advice sink, detector options,
+    and the state rules keep per application."""
 
     analyzer: Analyzer
     sink: AdviceSink
     metrics: Metrics
     detectors: Mapping[str, DetectorOptions] = field(default_factory=dict)
     backlog: Backlog = field(default_factory=Backlog)
+    applications: Applications = field(default_factory=Applications)
 
 
 class Inspector:
@@ -59,7 +67,9 @@ class Inspector:
         )
         self._books_lost: Callable[[Exception], None] | None = None
         self.client_key: Client = (identity.database, identity.user, identity.application_name)
-        self.detectors: list[Detector] = build_detectors(analysis.detectors, identity)
+        self.detectors: list[Detector] = build_detectors(
+            analysis.detectors, identity, analysis.applications
+        )
         if self.detectors:
             self.backlog.watch(self)  # ticked until close()
 
@@ -126,6 +136,8 @@ class Inspector:
                 self._report(detector.session_end())
             except Exception:
                 self._detector_failed(detector)
+        for detector in self.detectors:
+            detector.release()
 
     def _tracker_failed(self, exc: Exception) -> None:
         if not isinstance(exc, ProtocolViolation):
@@ -158,3 +170,4 @@ class Inspector:
     def _detector_failed(self, detector: Detector) -> None:
         log.exception("detector_failed", rule=detector.rule, action="disabled for session")
         self.detectors.remove(detector)
+        detector.release()

@@ -158,6 +158,21 @@ class StatementInfo:
     param_count: int = 0  # highest $n in the normalized text
     not_in_subquery: bool = False  # `x NOT IN (SELECT ...)` somewhere in it
     likes: tuple[LikePredicate, ...] = ()  # LIKE/ILIKE predicates on a pattern
+    # the table an INSERT, UPDATE or DELETE writes (schema-qualified when written so)
+    target: str | None = None
+    # per column of a one-row INSERT ... VALUES, the `$n` its value is (0: an expression)
+    insert_params: tuple[int, ...] = ()
+    set_columns: tuple[str, ...] = ()  # the columns an UPDATE sets, in order
+    set_params: tuple[int, ...] = ()  # per set column, the `$n` its new value is (0: other)
+    set_reads_columns: bool = False  # a new value is computed from columns (`n = n + 1`)
+    order_by: tuple[str, ...] = ()  # the plain columns of a SELECT's top-level ORDER BY
+    catalog_only: bool = False  # reads only information_schema / pg_catalog relations
+    # the isolation level a BEGIN / START TRANSACTION / SET TRANSACTION asks for, lower
+    # case ("read committed"...), and whether it holds for the transaction or the session
+    # (SET SESSION CHARACTERISTICS, SET default_transaction_isolation); "?" when the
+    # level is a value the statement text does not hold
+    isolation: str = ""
+    isolation_scope: str = ""
     error: str | None = None  # why pglast could not parse it
 
     @property
@@ -384,6 +399,12 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     elif kind in ("UpdateStmt", "DeleteStmt"):
         facts = {"has_where": "whereClause" in node}
         facts["lookups"] = _lookups(node.get("whereClause"), tables)
+        if kind == "UpdateStmt":
+            facts.update(_update_facts(node))
+    elif kind in ("TransactionStmt", "VariableSetStmt"):
+        facts = _isolation_facts(kind, node)
+    if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt"):
+        facts["target"] = _relation_name(node.get("relation", {}))
     upper = text.upper()
     if "NOT" in upper or "LIKE" in upper or "~~" in upper:
         # only then can it hold a NOT IN or a LIKE: the parse tree decides which, if any
@@ -395,6 +416,8 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
             replace(lookup, table=aliases.get(lookup.table, lookup.table))
             for lookup in facts["lookups"]
         )
+    if tables and kind == "SelectStmt" and all(_is_catalog(t) for t in tables):
+        facts["catalog_only"] = True
     params = [int(n) for n in _PLACEHOLDER.findall(text)]
     return StatementInfo(
         fingerprint=fingerprint,
@@ -404,6 +427,69 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
         param_count=max(params, default=0),
         **facts,
     )
+
+
+_CATALOG_SCHEMAS = ("information_schema.", "pg_catalog.")
+
+
+def _is_catalog(table: str) -> bool:
+    """A relation of the system catalogs: schema-qualified, or an unqualified pg_* name
+    (pg_class, pg_tables...), which the search path finds in pg_catalog first."""
+    return table.startswith(_CATALOG_SCHEMAS) or ("." not in table and table.startswith("pg_"))
+
+
+def _relation_name(rv: dict[str, Any]) -> str | None:
+    name = rv.get("relname")
+    if name is None:
+        return None
+    return f"{rv['schemaname']}.{name}" if "schemaname" in rv else str(name)
+
+
+def _isolation_facts(kind: str, node: dict[str, Any]) -> dict[str, Any]:
+    """The isolation level a statement sets, if it sets one."""
+    if kind == "TransactionStmt":
+        if node.get("kind") not in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
+            return {}
+        scope, options = "transaction", node.get("options") or []
+    else:
+        name = node.get("name")
+        if name == "default_transaction_isolation":
+            # normalized, the level is a `$n`: the level is then not known ("?")
+            level = _constant_text((node.get("args") or [{}])[0]) or "?"
+            scope = "transaction" if node.get("is_local") else "session"
+            return {"isolation": level.lower(), "isolation_scope": scope}
+        if name not in ("TRANSACTION", "SESSION CHARACTERISTICS"):
+            return {}
+        scope = "transaction" if name == "TRANSACTION" else "session"
+        options = node.get("args") or []
+    for option in options:
+        element = option.get("DefElem", {})
+        if element.get("defname") == "transaction_isolation":
+            level = _constant_text(element.get("arg", {}))
+            if level:
+                return {"isolation": level.lower(), "isolation_scope": scope}
+    return {}
+
+
+def _constant_text(expr: dict[str, Any]) -> str:
+    value = expr.get("A_Const", {}).get("sval", {}).get("sval")
+    return value if isinstance(value, str) else ""
+
+
+def _update_facts(node: dict[str, Any]) -> dict[str, Any]:
+    columns, params, reads = [], [], False
+    for target in node.get("targetList", []):
+        res = target.get("ResTarget", {})
+        value = res.get("val", {})
+        columns.append(res.get("name", ""))
+        params.append(_param_number(value) or 0)
+        if any("ColumnRef" in n for n in _walk(value)):
+            reads = True
+    return {
+        "set_columns": tuple(columns),
+        "set_params": tuple(params),
+        "set_reads_columns": reads,
+    }
 
 
 def _walk(node: Any):  # type: ignore[no-untyped-def]
@@ -475,11 +561,17 @@ def _lookups(where: dict[str, Any] | None, tables: tuple[str, ...]) -> tuple[Loo
     found = []
     for conjunct in _conjuncts(where):
         expr = conjunct.get("A_Expr")
-        if not expr or expr.get("kind") != "AEXPR_OP":
+        if not expr or expr.get("kind") not in ("AEXPR_OP", "AEXPR_IN"):
             continue
         if [n["String"]["sval"] for n in expr.get("name", [])] != ["="]:
             continue
         left, right = expr.get("lexpr", {}), expr.get("rexpr", {})
+        if expr["kind"] == "AEXPR_IN":
+            # `col IN ($n)`, a one-element list: an equality as ORMs write it (TypeORM)
+            items = right.get("List", {}).get("items", [])
+            if len(items) != 1:
+                continue
+            right = items[0]
         column, number = _column_name(left), _param_number(right)
         if column is None or number is None:
             column, number = _column_name(right), _param_number(left)
@@ -551,9 +643,24 @@ def _like(expr: dict[str, Any], tables: tuple[str, ...], stmt: dict[str, Any]) -
 def _is_batched(where: dict[str, Any] | None) -> bool:
     for conjunct in _conjuncts(where):
         expr = conjunct.get("A_Expr")
-        if expr and expr.get("kind") in ("AEXPR_OP_ANY", "AEXPR_IN"):
+        if not expr:
+            continue
+        kind = expr.get("kind")
+        if kind == "AEXPR_OP_ANY":
+            return True
+        if kind == "AEXPR_IN" and len(expr.get("rexpr", {}).get("List", {}).get("items", [])) > 1:
             return True
     return False
+
+
+def _order_by(node: dict[str, Any]) -> tuple[str, ...]:
+    columns = []
+    for sort in node.get("sortClause", []):
+        column = _column_name(sort.get("SortBy", {}).get("node", {}))
+        if column is None:
+            return ()  # an expression: no keyset to build on
+        columns.append(column[1])
+    return tuple(columns)
 
 
 def _select_facts(node: dict[str, Any], tables: tuple[str, ...]) -> dict[str, Any]:
@@ -575,6 +682,7 @@ def _select_facts(node: dict[str, Any], tables: tuple[str, ...]) -> dict[str, An
         "batched_lookup": _is_batched(where),
         "select_star": star,
         "has_limit": "limitCount" in node,
+        "order_by": _order_by(node),
         "has_where": where is not None,
         "for_update": "lockingClause" in node,
         "has_join": len(from_clause) > 1 or any("JoinExpr" in f for f in from_clause),
@@ -586,8 +694,13 @@ def _insert_facts(node: dict[str, Any]) -> dict[str, Any]:
     select = node.get("selectStmt", {}).get("SelectStmt", {})
     values = select.get("valuesLists")
     columns = tuple(c["ResTarget"]["name"] for c in node.get("cols", []) if "ResTarget" in c)
+    params: tuple[int, ...] = ()
+    if values and len(values) == 1:
+        row = values[0].get("List", {}).get("items", [])
+        params = tuple(_param_number(item) or 0 for item in row)
     return {
         "values_rows": len(values) if values else 0,
         "insert_columns": columns,
+        "insert_params": params,
         "on_conflict": "onConflictClause" in node,
     }

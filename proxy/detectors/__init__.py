@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from proxy.detectors.applications import Applications
 from proxy.detectors.base import Detector, DetectorOptions, SessionIdentity
 from proxy.detectors.insert_loop import InsertLoop
 from proxy.detectors.leading_wildcard import LeadingWildcard
@@ -16,17 +17,33 @@ from proxy.detectors.not_in_subquery import NotInSubquery
 from proxy.detectors.slow_query import SlowQuery
 from proxy.logs import get_logger
 
-__all__ = ["DETECTORS", "Detector", "DetectorOptions", "SessionIdentity", "build_detectors"]
+__all__ = [
+    "DETECTORS",
+    "Applications",
+    "Detector",
+    "DetectorOptions",
+    "SessionIdentity",
+    "build_detectors",
+]
 
 log = get_logger("pgwarden.detectors")
 
 DETECTORS: dict[str, type[Detector]] = {
-    cls.rule: cls for cls in (NPlusOne, InsertLoop, SlowQuery, NotInSubquery, LeadingWildcard)
+    cls.rule: cls
+    for cls in (
+        NPlusOne,
+        InsertLoop,
+        SlowQuery,
+        NotInSubquery,
+        LeadingWildcard,
+    )
 }
 
 
 def build_detectors(
-    options_by_rule: Mapping[str, DetectorOptions], identity: SessionIdentity
+    options_by_rule: Mapping[str, DetectorOptions],
+    identity: SessionIdentity,
+    applications: Applications | None = None,
 ) -> list[Detector]:
     """One session's detectors, from each enabled rule's options (`DetectorSettings.enabled`).
 
@@ -39,7 +56,7 @@ def build_detectors(
             cls = DETECTORS[rule]
             if not isinstance(options, cls.options_type):
                 raise TypeError(f"{type(options).__name__} is not {cls.options_type.__name__}")
-            detectors.append(cls(options, identity))
+            detectors.append(cls(options, identity, applications))
         except Exception:
             log.exception("detector_failed", rule=rule, action="left out of the session")
     return detectors

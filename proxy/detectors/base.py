@@ -13,15 +13,18 @@ metadata, so a rule declares its options once, here, and config needs nothing ad
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 from proxy.advice import Advice
 from proxy.analysis.matching import SessionIdentity
+from proxy.detectors.applications import Applications
 from proxy.tracking.events import StatementEvent
 
-__all__ = ["NO_ADVICE", "Detector", "DetectorOptions", "SessionIdentity"]
+__all__ = ["NO_ADVICE", "Applications", "Detector", "DetectorOptions", "SessionIdentity"]
+
+T = TypeVar("T")
 
 NO_ADVICE: Final[tuple[Advice, ...]] = ()  # what nearly every observe() returns: nothing to build
 
@@ -39,9 +42,31 @@ class Detector:
     rule: ClassVar[str]
     options_type: ClassVar[type[DetectorOptions]] = DetectorOptions
 
-    def __init__(self, options: DetectorOptions, identity: SessionIdentity) -> None:
-        """`options` is an `options_type`; a subclass takes it typed as its own."""
+    def __init__(
+        self,
+        options: DetectorOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        """`options` is an `options_type`; a subclass takes it typed as its own. Built when
+        the session is ready (the connection is open); `session_end` when it closes.
+        `applications` holds the state a rule shares between one application's sessions."""
         self.identity = identity
+        self.applications = applications if applications is not None else Applications()
+        self._shared: object | None = None
+
+    def shared(self, factory: Callable[[], T]) -> T:
+        """This rule's state for the session's application, shared by all its sessions;
+        held until the session ends (`release`)."""
+        state = self.applications.attach(self.rule, self.identity, factory)
+        self._shared = state
+        return state
+
+    def release(self) -> None:
+        """The session is over: its hold on the application's state ends."""
+        if self._shared is not None:
+            self.applications.release(self.rule, self.identity, self._shared)
+            self._shared = None
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         """Called for every statement of the session: return fast when it is not of interest."""
@@ -54,6 +79,7 @@ class Detector:
         return NO_ADVICE
 
     def session_end(self) -> Sequence[Advice]:
+        """The connection closed: judge what is still open."""
         return NO_ADVICE
 
     def advice(self, event: StatementEvent, **fields: Any) -> Advice:

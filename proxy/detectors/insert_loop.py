@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.base import (
+    NO_ADVICE,
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+)
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.rewriters.batching import multirow_insert_sql
 from proxy.tracking.events import StatementEvent
@@ -24,8 +30,13 @@ class InsertLoop(Detector):
     rule: ClassVar[str] = "insert_loop"
     options_type: ClassVar[type[DetectorOptions]] = InsertLoopOptions
 
-    def __init__(self, options: InsertLoopOptions, identity: SessionIdentity) -> None:
-        super().__init__(options, identity)
+    def __init__(
+        self,
+        options: InsertLoopOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        super().__init__(options, identity, applications)
         self.min_repeats = options.min_repeats
         self._bursts: Bursts[Burst] = Bursts(Burst)
 

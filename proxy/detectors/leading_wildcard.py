@@ -9,7 +9,13 @@ from typing import ClassVar, Final
 
 from proxy.advice import Advice
 from proxy.analysis.analyzer import LikePredicate
-from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.base import (
+    NO_ADVICE,
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+)
 from proxy.durations import Duration
 from proxy.rewriters.predicates import trigram_index_sql
 from proxy.tracking.events import StatementEvent
@@ -63,8 +69,13 @@ class LeadingWildcard(Detector):
     rule: ClassVar[str] = "leading_wildcard"
     options_type: ClassVar[type[DetectorOptions]] = LeadingWildcardOptions
 
-    def __init__(self, options: LeadingWildcardOptions, identity: SessionIdentity) -> None:
-        super().__init__(options, identity)
+    def __init__(
+        self,
+        options: LeadingWildcardOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        super().__init__(options, identity, applications)
         self.warn_above = float(options.warn_above)
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.base import (
+    NO_ADVICE,
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+)
 from proxy.detectors.bursts import Burst, Bursts
 from proxy.detectors.values import canonical, literal_text
 from proxy.rewriters.batching import batched_lookup_sql
@@ -76,8 +82,13 @@ class NPlusOne(Detector):
     rule: ClassVar[str] = "n_plus_one"
     options_type: ClassVar[type[DetectorOptions]] = NPlusOneOptions
 
-    def __init__(self, options: NPlusOneOptions, identity: SessionIdentity) -> None:
-        super().__init__(options, identity)
+    def __init__(
+        self,
+        options: NPlusOneOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        super().__init__(options, identity, applications)
         self.min_repeats = options.min_repeats
         self._bursts: Bursts[_LookupBurst] = Bursts(_LookupBurst)
         self._sources: OrderedDict[str, _Source] = OrderedDict()

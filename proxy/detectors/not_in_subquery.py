@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.base import (
+    NO_ADVICE,
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+)
 from proxy.rewriters.predicates import not_exists_sql
 from proxy.tracking.events import StatementEvent
 
@@ -24,8 +30,13 @@ class NotInSubquery(Detector):
     rule: ClassVar[str] = "not_in_subquery"
     options_type: ClassVar[type[DetectorOptions]] = NotInSubqueryOptions
 
-    def __init__(self, options: NotInSubqueryOptions, identity: SessionIdentity) -> None:
-        super().__init__(options, identity)
+    def __init__(
+        self,
+        options: NotInSubqueryOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        super().__init__(options, identity, applications)
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:
         info = event.info

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from proxy.advice import Advice
-from proxy.detectors.base import NO_ADVICE, Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.base import (
+    NO_ADVICE,
+    Applications,
+    Detector,
+    DetectorOptions,
+    SessionIdentity,
+)
 from proxy.durations import Duration
 from proxy.tracking.events import StatementEvent
 
@@ -23,8 +29,13 @@ class SlowQuery(Detector):
     rule: ClassVar[str] = "slow_query"
     options_type: ClassVar[type[DetectorOptions]] = SlowQueryOptions
 
-    def __init__(self, options: SlowQueryOptions, identity: SessionIdentity) -> None:
-        super().__init__(options, identity)
+    def __init__(
+        self,
+        options: SlowQueryOptions,
+        identity: SessionIdentity,
+        applications: Applications | None = None,
+    ) -> None:
+        super().__init__(options, identity, applications)
         self.threshold = float(options.threshold)  # a plain float: compared on every statement
 
     def observe(self, event: StatementEvent) -> Sequence[Advice]:

@@ -36,6 +36,14 @@ def format_advice(advice: list[dict[str, Any]]) -> str:
         lines.extend(
             textwrap.wrap(a["suggestion"], 96, initial_indent="    ", subsequent_indent="    ")
         )
+        evidence = a.get("evidence")
+        if evidence:
+            figures = ", ".join(f"{name} {value}" for name, value in evidence.items())
+            lines.extend(
+                textwrap.wrap(
+                    f"evidence: {figures}", 96, initial_indent="    ", subsequent_indent="      "
+                )
+            )
         if a.get("suggested_sql"):
             lines.append(f"    suggested SQL: {a['suggested_sql']}")
         lines.append("")
