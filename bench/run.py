@@ -74,6 +74,9 @@ class Run:
     proxy_us_per_tx: float | None = None
     other_load: float = 0.0
     error: str | None = None
+    # per-transaction latency from pgbench's log (-l), runs at 1 client only
+    p50_us: float | None = None
+    p99_us: float | None = None
 
     @property
     def disturbed(self) -> bool:
@@ -284,8 +287,9 @@ pidfile = {home / "pgbouncer.pid"}
 class Bench:
     """Runs pgbench against the targets and accounts for every CPU tick it can name."""
 
-    def __init__(self, pgbench: str, postmaster: int, user: str) -> None:
+    def __init__(self, pgbench: str, postmaster: int, user: str, workdir: Path) -> None:
         self.pgbench = pgbench
+        self.workdir = workdir  # where pgbench writes its per-transaction logs
         self.postmaster = postmaster
         self.user = user
         # Only our flags decide where and how pgbench connects.
@@ -302,6 +306,10 @@ class Bench:
         """One measured pgbench run: tps, proxy CPU per transaction, and the other load."""
         key = {"round": rnd, "mode": mode, "clients": clients, "target": target.name}
         cmd = self.command(target.port, mode, clients, seconds)
+        logs = None
+        if clients == 1:  # latency as one user feels it: every transaction's, from its log
+            logs = Path(tempfile.mkdtemp(prefix="latency-", dir=self.workdir))
+            cmd[1:1] = ["-l", "--log-prefix", str(logs / "tx")]
         try:
             proxy0 = _proc_ticks(target.pid) if target.pid else 0
         except OSError:
@@ -327,6 +335,10 @@ class Bench:
             return Run(**key, seconds=elapsed, other_load=other, error=error)
         transactions = int(tx.group(1))
         us_per_tx = proxy / CLK_TCK * 1e6 / transactions if target.pid else None
+        p50 = p99 = None
+        if logs is not None:
+            p50, p99 = latency_percentiles(logs)
+            shutil.rmtree(logs, ignore_errors=True)
         return Run(
             **key,
             seconds=elapsed,
@@ -334,7 +346,29 @@ class Bench:
             transactions=transactions,
             proxy_us_per_tx=us_per_tx,
             other_load=other,
+            p50_us=p50,
+            p99_us=p99,
         )
+
+
+def latency_percentiles(logs: Path) -> tuple[float | None, float | None]:
+    """p50 and p99 of the transaction latencies (µs, the third field of each line) that
+    pgbench -l wrote into `logs`."""
+    latencies = []
+    for path in logs.iterdir():
+        with path.open() as lines:
+            for line in lines:
+                fields = line.split()
+                if len(fields) >= 3 and fields[2].isdigit():
+                    latencies.append(int(fields[2]))
+    if not latencies:
+        return None, None
+    latencies.sort()
+    return _percentile(latencies, 0.50), _percentile(latencies, 0.99)
+
+
+def _percentile(ordered: list[int], q: float) -> float:
+    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
 
 def measure(bench: Bench, targets: list[Target], args: argparse.Namespace) -> list[Run]:
@@ -400,6 +434,7 @@ def summarize(runs: list[Run], targets: list[str], args: argparse.Namespace) -> 
                     ),
                     "disturbed": any(r.disturbed for r in ok),
                 }
+                row.update(_latency(runs, by_key, mode, clients, target, args.rounds))
                 for ref in ("direct", "pgbouncer"):
                     ratios, disturbed = [], False
                     if ref in targets and ref != target and target != "direct":
@@ -413,6 +448,58 @@ def summarize(runs: list[Run], targets: list[str], args: argparse.Namespace) -> 
                     row[f"vs_{ref}_disturbed"] = disturbed
                 rows.append(row)
     return rows
+
+
+def _latency(
+    runs: list[Run],
+    by_key: dict[tuple[int, str, int, str], Run],
+    mode: str,
+    clients: int,
+    target: str,
+    rounds: int,
+) -> dict[str, float | None]:
+    """Median p50/p99 latency, and the median per-round latency added over direct's."""
+    own = [r for r in runs if (r.mode, r.clients, r.target) == (mode, clients, target)]
+    out: dict[str, float | None] = {
+        "p50_us": _median([r.p50_us for r in own if r.p50_us is not None]),
+        "p99_us": _median([r.p99_us for r in own if r.p99_us is not None]),
+    }
+    for q in ("p50", "p99"):
+        added = []
+        for rnd in range(1, rounds + 1):
+            a = by_key.get((rnd, mode, clients, target))
+            b = by_key.get((rnd, mode, clients, "direct"))
+            if a and b and getattr(a, f"{q}_us") is not None and getattr(b, f"{q}_us"):
+                added.append(getattr(a, f"{q}_us") - getattr(b, f"{q}_us"))
+        out[f"added_{q}_us"] = _median(added) if target != "direct" else None
+    return out
+
+
+def render_latency(rows: list[dict], markdown: bool) -> str:
+    """Latency at 1 client: p50/p99 per target, what each proxy adds over direct, and
+    pgwarden's added p50 as a multiple of PgBouncer's."""
+    bouncer = {
+        (r["mode"], r["clients"]): r["added_p50_us"] for r in rows if r["target"] == "pgbouncer"
+    }
+    header = ["mode", "clients", "target", "p50 µs", "p99 µs", "added p50", "added p99"]
+    header.append("added p50 vs pgbouncer")
+    table = []
+    for row in rows:
+        if row["p50_us"] is None:
+            continue
+        ref = bouncer.get((row["mode"], row["clients"]))
+        own = row["added_p50_us"]
+        times = own / ref if own is not None and ref and row["target"] != "pgbouncer" else None
+        line = [row["mode"], str(row["clients"]), row["target"]]
+        line += [
+            _cell(row["p50_us"], ".0f", row["disturbed"]),
+            _cell(row["p99_us"], ".0f", row["disturbed"]),
+            _cell(own, ".0f", row["disturbed"]),
+            _cell(row["added_p99_us"], ".0f", row["disturbed"]),
+            _cell(times, ".2f", row["disturbed"]),
+        ]
+        table.append(line)
+    return _table(header, table, markdown) if table else ""
 
 
 def _cell(value: float | None, spec: str, disturbed: bool) -> str:
@@ -431,6 +518,10 @@ def render(rows: list[dict], targets: list[str], markdown: bool) -> str:
         line.append(_cell(row["cpu_us_per_tx"], ".1f", row["disturbed"]))
         line += [_cell(row[f"vs_{ref}"], ".2f", row[f"vs_{ref}_disturbed"]) for ref in refs]
         table.append(line)
+    return _table(header, table, markdown)
+
+
+def _table(header: list[str], table: list[list[str]], markdown: bool) -> str:
     left = 3  # the first columns are text, the rest numbers
     if markdown:
         rule = ["---"] * left + ["---:"] * (len(header) - left)
@@ -451,7 +542,8 @@ def notes(runs: list[Run], args: argparse.Namespace, machine: dict[str, Any]) ->
         f"pgbench -S -n -T {args.duration:g} (-j min(clients, 2)), scale {args.scale}, "
         f"{args.rounds} round(s) interleaved; tps and µs/tx are medians, 'vs X' the median of "
         "per-round ratios measured side by side. 1-client figures are a lower bound (idle "
-        "vCPUs waking up shape them)."
+        "vCPUs waking up shape them). Latency (1 client): p50/p99 of every transaction in "
+        "pgbench's log; 'added' is the median per-round difference to direct."
     ]
     disturbed = [r for r in runs if r.disturbed]
     if disturbed:
@@ -660,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-        bench = Bench(pgbench, postmaster, cluster.superuser)
+        bench = Bench(pgbench, postmaster, cluster.superuser, workdir)
         machine = machine_info(cluster, pgbouncer)
         started = time.strftime("%Y%m%d-%H%M%S")
         runs = measure(bench, targets, args)
@@ -669,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs, names, args)
     print(render(rows, names, args.markdown))
     print()
+    latency = render_latency(rows, args.markdown)
+    if latency:
+        print(latency)
+        print()
     print(("\n\n" if args.markdown else "\n").join(notes(runs, args, machine)))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"{started}.json"
