@@ -22,6 +22,8 @@ from proxy.config import ADMIN_TOKEN_ENV, ConfigError, Settings, load_settings
 from proxy.logs import configure_logging, flush_logs, get_logger
 from proxy.tools.clients import format_clients
 from proxy.tools.report import format_advice
+from proxy.tools.report_document import FORMATS, render_report
+from proxy.web.view import build_view
 
 __all__ = ["main"]
 
@@ -76,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     advice.add_argument("--json", action="store_true", help="print the raw JSON")
     for flag, field, what in _ADVICE_FILTERS:
         advice.add_argument(flag, dest=field, metavar=field.upper(), help=f"only advice {what}")
+
+    report = sub.add_parser(
+        "report", help="the optimization report of a running pgwarden (Markdown, HTML, JSON)"
+    )
+    report.add_argument("--admin", default=_ADMIN_URL, help=f"admin URL ({_ADMIN_URL})")
+    report.add_argument(
+        "--format", choices=FORMATS, default="markdown", help="markdown (default), html, json"
+    )
+    report.add_argument("--output", metavar="FILE", help="write it to FILE (default: stdout)")
+    report.add_argument(
+        "--application", metavar="NAME", help="only the advice and statements of this application"
+    )
+    report.add_argument(
+        "--token",
+        help=f"the admin token, when the server has one (default: ${ADMIN_TOKEN_ENV})",
+    )
 
     clients = sub.add_parser("clients", help="list the client sessions of a running pgwarden")
     clients.add_argument("--admin", default=_ADMIN_URL, help=f"admin URL ({_ADMIN_URL})")
@@ -217,7 +235,8 @@ def cmd_advice(args: argparse.Namespace) -> int:
     if "://" not in url:
         url = f"http://{url}"
     try:
-        with urllib.request.urlopen(f"{url}/advice{_advice_query(args)}", timeout=10) as response:
+        request = _bearing_token(urllib.request.Request(f"{url}/advice{_advice_query(args)}"))
+        with _DIRECT.open(request, timeout=10) as response:
             payload = json.load(response)
     except (OSError, ValueError) as exc:
         print(f"pgwarden: cannot read advice from {url}: {exc}", file=sys.stderr)
@@ -236,15 +255,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
-def _admin_call(admin: str, path: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
-    """(status, JSON answer or {}) of GET `path` on the admin server at `admin`, or of a
-    POST bearing `token` when one is given; OSError when it cannot be reached."""
+def _bearing_token(
+    request: urllib.request.Request, token: str | None = None
+) -> urllib.request.Request:
+    """`request` with the admin token, `token` or else $PGWARDEN_ADMIN_TOKEN's, if any: a
+    server with a token answers only those who bear it."""
+    token = token or os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def _admin_call(
+    admin: str, path: str, token: str | None = None, *, post: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON answer or {}) of GET (or POST) `path` on the admin server at
+    `admin`, bearing `token` or $PGWARDEN_ADMIN_TOKEN's; OSError when it cannot be
+    reached."""
     url = admin.rstrip("/")
     if "://" not in url:
         url = f"http://{url}"
-    request = urllib.request.Request(url + path, data=b"" if token else None)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    request = _bearing_token(urllib.request.Request(url + path, data=b"" if post else None), token)
     try:
         with _DIRECT.open(request, timeout=10) as response:
             status, body = response.status, response.read()
@@ -255,6 +286,38 @@ def _admin_call(admin: str, path: str, token: str | None = None) -> tuple[int, d
     except ValueError:
         payload = None
     return status, payload if isinstance(payload, dict) else {}
+
+
+@_prints
+def cmd_report(args: argparse.Namespace) -> int:
+    """Reads /advice and /fingerprints (of one application with --application) and
+    writes the report; exit 1 when the admin server cannot be read."""
+    query = f"?{urllib.parse.urlencode({'application_name': args.application})}"
+    query = query if args.application is not None else ""
+    answers: dict[str, list[dict[str, Any]]] = {}
+    for name in ("advice", "fingerprints"):
+        try:
+            status, payload = _admin_call(args.admin, f"/{name}{query}", args.token)
+        except OSError as exc:
+            print(f"pgwarden: cannot read /{name} from {args.admin}: {exc}", file=sys.stderr)
+            return 1
+        entries = payload.get(name)
+        if status != 200 or not isinstance(entries, list):
+            why = payload.get("error") or f"HTTP {status}"
+            if status == 401:
+                why = f"the admin token is needed: set {ADMIN_TOKEN_ENV} (or pass --token)"
+            print(f"pgwarden: cannot read /{name} from {args.admin}: {why}", file=sys.stderr)
+            return 1
+        answers[name] = entries
+    view = build_view(answers["advice"], answers["fingerprints"])
+    text = render_report(view, args.format, args.application)
+    if args.output is None:  # text the client sent that was not UTF-8 comes out replaced
+        sys.stdout.write(text.encode("utf-8", "replace").decode("utf-8"))
+        return 0
+    with open(args.output, "w", encoding="utf-8", errors="replace") as out:
+        out.write(text)
+    print(f"wrote the {args.format} report ({len(view.items)} advice) to {args.output}")
+    return 0
 
 
 @_prints
@@ -287,7 +350,7 @@ def cmd_terminate(args: argparse.Namespace) -> int:
         return 2
     path = f"/clients/{urllib.parse.quote(args.client, safe=':')}/terminate"
     try:
-        status, payload = _admin_call(args.admin, path, token)
+        status, payload = _admin_call(args.admin, path, token, post=True)
     except OSError as exc:
         print(f"pgwarden: cannot reach {args.admin}: {exc}", file=sys.stderr)
         return 1
@@ -313,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "check-config": cmd_check_config,
         "advice": cmd_advice,
+        "report": cmd_report,
         "clients": cmd_clients,
         "terminate": cmd_terminate,
         "demo": cmd_demo,

@@ -32,6 +32,7 @@ StartProxy = Callable[..., ProxyProcess]
 TOKEN = secrets.token_hex(24)
 SECRET = "pgwarden-secret-literal"  # a literal that must never leave pgwarden
 NO_ENV_TOKEN = {ADMIN_TOKEN_ENV: ""}  # whatever the environment of the test run holds
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # a server with a token answers only its holders
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -48,7 +49,7 @@ def admin_proxy(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def clients(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    status, body = proxy.http_get("/clients")
+    status, body = proxy.http_get("/clients", AUTH)
     assert status == 200, body
     listed: list[dict[str, Any]] = json.loads(body)["clients"]
     return listed
@@ -112,7 +113,7 @@ def test_a_running_statement_is_listed_normalized_and_terminate_ends_it(
         assert entry["transaction_age_s"] >= entry["statement_age_s"] >= 0
         assert entry["age_s"] >= entry["transaction_age_s"]
         assert entry["bytes_in"] > 0 and entry["bytes_out"] > 0
-        assert SECRET not in admin_proxy.http_get("/clients")[1]
+        assert SECRET not in admin_proxy.http_get("/clients", AUTH)[1]
 
         url = admin_proxy.admin_url
         ended = pgwarden(
@@ -160,7 +161,7 @@ def test_clients_table_and_terminate_by_backend_pid(admin_proxy: ProxyProcess) -
         assert entry["pid"] == pid and entry["statement"] is None
         assert entry["transaction_age_s"] > 0
 
-        table = pgwarden("clients", "--admin", admin_proxy.admin_url)
+        table = pgwarden("clients", "--admin", admin_proxy.admin_url, env={ADMIN_TOKEN_ENV: TOKEN})
         assert table.returncode == 0, table.stderr
         header, *rows = table.stdout.splitlines()
         assert header.split()[:3] == ["id", "pid", "state"]
@@ -168,7 +169,9 @@ def test_clients_table_and_terminate_by_backend_pid(admin_proxy: ProxyProcess) -
         (row,) = [r for r in rows if app in r]
         assert row.split()[:2] == [str(entry["id"]), str(pid)]
         assert "idle in transaction" in row and "postgres@postgres" in row
-        raw = pgwarden("clients", "--json", "--admin", admin_proxy.admin_url)
+        raw = pgwarden(
+            "clients", "--json", "--admin", admin_proxy.admin_url, env={ADMIN_TOKEN_ENV: TOKEN}
+        )
         assert raw.returncode == 0, raw.stderr
         assert app in [c["application_name"] for c in json.loads(raw.stdout)["clients"]]
 
@@ -199,7 +202,7 @@ def test_terminate_needs_the_right_token(admin_proxy: ProxyProcess) -> None:
         assert missing.returncode == 2 and ADMIN_TOKEN_ENV in missing.stderr
         unknown = pgwarden("terminate", "id:999999", "--admin", url, env={ADMIN_TOKEN_ENV: TOKEN})
         assert unknown.returncode == 1 and "no open client with id 999999" in unknown.stderr
-        assert admin_proxy.http_get(path)[0] == 405
+        assert admin_proxy.http_get(path, AUTH)[0] == 405
         assert conn.execute("SELECT 1").fetchone() == (1,), "refused attempts end nothing"
 
     def refused() -> set[object]:  # the log is written asynchronously
@@ -237,7 +240,7 @@ def test_without_a_token_nothing_can_be_terminated(proxy_factory: StartProxy) ->
         )
         assert cli.returncode == 1 and "no admin token is configured" in cli.stderr
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    status, body = proxy.http_get("/")
+    status, body = proxy.http_get("/", {"Accept": "application/json"})
     assert status == 200
     assert all(e["method"] == "GET" for e in json.loads(body)["endpoints"])
 
@@ -258,7 +261,8 @@ def test_a_busy_session_is_active_with_analysis_off(proxy_factory: StartProxy) -
 
 
 def test_the_index_lists_the_endpoints(admin_proxy: ProxyProcess) -> None:
-    status, body = admin_proxy.http_get("/")
+    """GET / is the advice page (tests/test_advice_page.py); asked for JSON, the index."""
+    status, body = admin_proxy.http_get("/", {**AUTH, "Accept": "application/json"})
     assert status == 200
     endpoints = {(e["method"], e["path"]) for e in json.loads(body)["endpoints"]}
     assert endpoints >= {
@@ -273,7 +277,7 @@ def test_the_index_lists_the_endpoints(admin_proxy: ProxyProcess) -> None:
 
 def test_process_metrics_describe_pgwarden(admin_proxy: ProxyProcess) -> None:
     def samples() -> dict[str, float]:
-        status, body = admin_proxy.http_get("/metrics")
+        status, body = admin_proxy.http_get("/metrics", AUTH)
         assert status == 200
         return {
             s.name: s.value

@@ -107,10 +107,22 @@ def test_snapshot_ranks_by_total_time_with_the_sql() -> None:
         "application_name": "web",
         "calls": 3,
         "total_time_ms": 600.0,
+        "rows": 0,
+        "errors": 0,
         "series": False,
     }
     assert slow["command"] == "UPDATE" and slow["calls"] == 1
     assert fast["series"] is True  # the first seen took the only series
+
+
+def test_snapshot_counts_rows_and_errors_per_client() -> None:
+    """What the advice page's top statements show beside calls and time."""
+    stats = FingerprintStats()
+    stats.record("q", "SELECT * FROM t WHERE id = $1", "SELECT", 0.01, WEB, rows=5)
+    stats.record("q", "SELECT * FROM t WHERE id = $1", "SELECT", 0.01, WEB, ok=False)
+    stats.record("q", "SELECT * FROM t WHERE id = $1", "SELECT", 0.01, WEB, rows=2)
+    (row,) = stats.snapshot()
+    assert (row["calls"], row["rows"], row["errors"]) == (3, 7, 1)
 
 
 def test_tracked_fingerprints_are_bounded() -> None:

@@ -121,10 +121,12 @@ class ProxyProcess:
 
         return wait_until(found, timeout, message=f"{match!r} in the log of pid {self.pid}")
 
-    def http_get(self, path: str) -> tuple[int, str]:
-        """GET from the admin endpoint: (status, body), error statuses included."""
+    def http_get(self, path: str, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
+        """GET from the admin endpoint, with `headers` (e.g. Authorization): (status, body),
+        error statuses included."""
+        request = urllib.request.Request(self.admin_url + path, headers=dict(headers or {}))
         try:
-            with _OPENER.open(self.admin_url + path, timeout=5) as response:
+            with _OPENER.open(request, timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
