@@ -29,6 +29,7 @@ from proxy.rewriters.rules import BlockRule, RewriteRule, RuleMatch, check_comma
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
+    "ADVISOR_PASSWORD_ENV",
     "Address",
     "BlockRule",
     "ConfigError",
@@ -106,6 +107,7 @@ class TLSSettings:
 class AdminSettings:
     listen: Address = Address("127.0.0.1", 9930)
     ready_requires_upstream: bool = False  # /readyz probes PostgreSQL too
+    metrics_public: bool = False  # /metrics answers without the token (for scrapers)
     # The token that enables the admin actions, read from this file or else from
     # $PGWARDEN_ADMIN_TOKEN into `token`: a secret, so never in the YAML, a repr or the
     # output of check-config.
@@ -166,6 +168,22 @@ class AdviceSettings:
 
 
 @dataclass(frozen=True)
+class AdvisorSettings:
+    """The index advisor (proxy.advisor): off without a `dsn`. Its password is read from
+    password_file or $PGWARDEN_ADVISOR_PASSWORD into `password`, never from the YAML,
+    never in a repr or the output of check-config."""
+
+    dsn: str | None = None  # libpq keywords or URI, without dbname and password
+    password_file: str | None = None
+    interval: Duration = Duration(60.0)
+    min_calls: int = field(default=5, metadata=_positive())
+    min_total_time: Duration = Duration(1.0)
+    max_explains_per_minute: int = field(default=30, metadata=_positive())
+    statement_timeout: Duration = Duration(2.0)
+    password: str | None = field(default=None, repr=False, metadata={"internal": True})
+
+
+@dataclass(frozen=True)
 class TimeoutMatch:
     """Every given field must match; a rule with no fields matches every statement."""
 
@@ -206,6 +224,7 @@ class Settings:
     analysis: AnalysisSettings = AnalysisSettings()
     detectors: DetectorSettings = DetectorSettings()
     advice: AdviceSettings = AdviceSettings()
+    advisor: AdvisorSettings = AdvisorSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     metrics: MetricsSettings = MetricsSettings()
     rewrites: tuple[RewriteRule, ...] = ()
@@ -269,6 +288,10 @@ def _convert(annotation: Any, value: Any, meta: typing.Mapping[str, Any], key: s
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"expected a whole number, got {value!r}")
             result = value
+        elif annotation is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"expected a number, got {value!r}")
+            result = float(value)
         elif annotation is str:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {value!r}")
@@ -322,7 +345,47 @@ def settings_from_dict(data: dict[str, Any] | None, *, source: str | None = None
     settings = _build(Settings, data or {}, "")
     settings = dataclasses.replace(settings, source=source)
     _check(settings)
-    return _with_admin_token(settings)
+    return _with_advisor_password(_with_admin_token(settings))
+
+
+ADVISOR_PASSWORD_ENV = "PGWARDEN_ADVISOR_PASSWORD"
+
+
+def _with_advisor_password(settings: Settings) -> Settings:
+    """Checks advisor.dsn (the advisor picks the database; a password has its own place)
+    and reads the password from advisor.password_file, else $PGWARDEN_ADVISOR_PASSWORD;
+    an error names where it came from, never what it holds."""
+    advisor = settings.advisor
+    if advisor.dsn is None:
+        return settings
+    from psycopg.conninfo import conninfo_to_dict  # only a config that uses the advisor
+
+    try:
+        keywords = conninfo_to_dict(advisor.dsn)
+    except Exception:
+        raise ConfigError("advisor.dsn: not a libpq connection string or URI") from None
+    for keyword in ("dbname", "password"):
+        if keyword in keywords:
+            raise ConfigError(
+                f"advisor.dsn: leave {keyword} out (the advisor connects to the database each "
+                "statement ran in; the password comes from advisor.password_file or "
+                f"{ADVISOR_PASSWORD_ENV})"
+            )
+    if advisor.interval <= 0:
+        raise ConfigError("advisor.interval: must be more than 0")
+    if advisor.password_file:
+        try:
+            password = Path(advisor.password_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"advisor.password_file: cannot read {advisor.password_file!r}: {why}"
+            ) from None
+    else:
+        password = os.environ.get(ADVISOR_PASSWORD_ENV, "")
+    if not password:
+        return settings
+    return dataclasses.replace(settings, advisor=dataclasses.replace(advisor, password=password))
 
 
 ADMIN_TOKEN_ENV = "PGWARDEN_ADMIN_TOKEN"

@@ -13,12 +13,16 @@ stays monotonic, as a counter must: counts made before a promotion stay in "othe
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from prometheus_client.core import CounterMetricFamily, InfoMetricFamily, Metric
 
-__all__ = ["FILTERS", "Client", "FingerprintStats"]
+from proxy.analysis.analyzer import StatementInfo
+from proxy.tracking.events import StatementEvent
+
+__all__ = ["FILTERS", "Client", "FingerprintStats", "ParamSamples", "Sample"]
 
 OTHER: Final = "other"
 STATEMENT_LABEL: Final = 200  # characters of SQL in pgwarden_fingerprint_info
@@ -30,11 +34,13 @@ FILTERS: Final = ("database", "user", "application_name")  # what /fingerprints 
 class _Row:
     """One fingerprint as one client ran it."""
 
-    __slots__ = ("calls", "time")
+    __slots__ = ("calls", "errors", "rows", "time")
 
     def __init__(self) -> None:
         self.calls = 0
         self.time = 0.0
+        self.rows = 0  # rows returned or changed, as the CommandComplete tags count them
+        self.errors = 0
 
 
 class _Entry:
@@ -84,8 +90,10 @@ class FingerprintStats:
         seconds: float,
         client: Client,
         ok: bool = True,
+        rows: int = 0,
     ) -> None:
-        """One statement that took `seconds`, run by `client`; `ok`: without an error."""
+        """One statement that took `seconds`, run by `client`; `ok`: without an error;
+        `rows`: returned or changed."""
         entry = self._entries.get(fingerprint)
         if entry is None:
             if len(self._entries) >= self.max_tracked:
@@ -106,6 +114,9 @@ class FingerprintStats:
             self._rows += 1
         row.calls += 1
         row.time += seconds
+        row.rows += rows
+        if not ok:
+            row.errors += 1
         if entry.labelled_calls >= 0:
             entry.labelled_calls += 1
             entry.labelled_time += seconds
@@ -181,6 +192,13 @@ class FingerprintStats:
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
+    def usage(self) -> Iterator[tuple[str, Client, int, float]]:
+        """(fingerprint, client, calls, seconds) of every tracked row: what the index
+        advisor ranks statements by."""
+        for key, entry in self._entries.items():
+            for client, row in entry.clients.items():
+                yield key, client, row.calls, row.time
+
     def snapshot(self, where: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         """Every tracked fingerprint with its SQL, once per client that ran it, costliest
         first (for /fingerprints); only the rows whose client fields equal all of `where`'s
@@ -198,6 +216,8 @@ class FingerprintStats:
                     **client,
                     "calls": row.calls,
                     "total_time_ms": round(row.time * 1000, 3),
+                    "rows": row.rows,
+                    "errors": row.errors,
                     "series": e.labelled_calls >= 0,
                 }
                 ranked.append((row.time, data))
@@ -209,3 +229,115 @@ def _label(statement: str) -> str:
     """`statement` cut for a label value, as UTF-8 can carry it (text the client sent that
     was not UTF-8 keeps its undecodable bytes as surrogates, which no exposition encodes)."""
     return statement[:STATEMENT_LABEL].encode("utf-8", "replace").decode("utf-8")
+
+
+# One parameter as a statement ran with it: (value, format code, type OID; 0 when the
+# client left the type to the server). A Sample holds one per `$n` of the normalized text.
+Value = tuple[bytes | None, int, int]
+Sample = tuple[Value, ...]
+_PLACEHOLDER: Final = re.compile(r"\$(\d+)")
+_ADVISED: Final = frozenset({"SELECT", "UPDATE", "DELETE", "INSERT"})
+_KEEP: Final = 3  # samples per fingerprint
+_RESAMPLE: Final = 64  # once it has them, one more every this many runs (values change)
+
+
+class _Samples:
+    __slots__ = ("info", "runs", "values")
+
+    def __init__(self, info: StatementInfo) -> None:
+        self.info = info
+        self.runs = 0
+        self.values: list[Sample] = []
+
+
+class ParamSamples:
+    """The parameter values a few recent runs of each statement shape had, for the index
+    advisor to plan with real values. Fed only while the advisor is on; held in memory
+    only (never logged, shown or exported), at most `_KEEP` per fingerprint and
+    `max_fingerprints` fingerprints, the least recently sampled leaving first."""
+
+    def __init__(self, max_fingerprints: int = 2000) -> None:
+        self.max_fingerprints = max_fingerprints
+        self._entries: dict[str, _Samples] = {}
+
+    def offer(self, event: StatementEvent) -> None:
+        """One finished statement; sampled now and then, cheap otherwise."""
+        info = event.info
+        if info.command not in _ADVISED or event.sqlstate is not None or not info.fingerprint:
+            return
+        if info.command == "INSERT" and info.values_rows:
+            return  # INSERT ... VALUES: no plan an index could change
+        entry = self._entries.get(info.fingerprint)
+        if entry is None:
+            if len(self._entries) >= self.max_fingerprints:
+                del self._entries[next(iter(self._entries))]
+            entry = self._entries[info.fingerprint] = _Samples(info)
+        entry.runs += 1
+        if len(entry.values) >= _KEEP and entry.runs % _RESAMPLE:
+            return
+        sample = _sample(event)
+        if sample is None:
+            return
+        if len(entry.values) >= _KEEP:
+            entry.values.pop(0)
+        entry.values.append(sample)
+        del self._entries[info.fingerprint]  # the most recently sampled go last
+        self._entries[info.fingerprint] = entry
+
+    def get(self, fingerprint: str) -> tuple[StatementInfo, list[Sample]] | None:
+        """The statement and its samples, newest last."""
+        entry = self._entries.get(fingerprint)
+        return None if entry is None else (entry.info, list(entry.values))
+
+
+def _sample(event: StatementEvent) -> Sample | None:
+    """The value of each `$n` of the normalized statement: Bind values, and the literals
+    normalize() lifted out of the text as text values; None when one cannot be told."""
+    info = event.info
+    params = event.params() or ()
+    types = event.param_types
+    literals = event.parsed.literals
+    if not literals:
+        if len(params) != info.param_count:
+            return None
+        return tuple(
+            (value, fmt, types[i] if i < len(types) else 0) for i, (value, fmt) in enumerate(params)
+        )
+    numbers = [int(n) for n in _PLACEHOLDER.findall(info.normalized)]
+    if len(numbers) != len(literals):
+        return None
+    values: list[Value | None] = [None] * info.param_count
+    for number, token in zip(numbers, literals, strict=True):
+        if number > info.param_count:
+            return None
+        if token[:1] == "$" and token[1:].isdigit():
+            index = int(token[1:]) - 1
+            if index >= len(params):
+                return None
+            value, fmt = params[index]
+            values[number - 1] = (value, fmt, types[index] if index < len(types) else 0)
+        else:
+            read = _literal(token)
+            if read is None:
+                return None
+            values[number - 1] = (read[0], 0, 0)
+    if any(v is None for v in values):
+        return None
+    return tuple(v for v in values if v is not None)
+
+
+def _literal(token: str) -> tuple[bytes | None] | None:
+    """A literal token's value as text (None for NULL), or None when it is a form not
+    read here (E'' escapes, bit strings, dollar quoting, strings over several lines)."""
+    token = token.strip()
+    lower = token.lower()
+    if lower == "null":
+        return (None,)
+    if lower in ("true", "false"):
+        return (lower.encode(),)
+    if len(token) >= 2 and token[0] == "'" and token[-1] == "'" and "\n" not in token:
+        return (token[1:-1].replace("''", "'").encode("utf-8", "surrogateescape"),)
+    number = token.replace(" ", "").replace("_", "")
+    if number.lstrip("-").replace(".", "", 1).isdigit():
+        return (number.encode(),)
+    return None

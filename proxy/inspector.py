@@ -22,7 +22,7 @@ from proxy.detectors import (
     SessionIdentity,
     build_detectors,
 )
-from proxy.fingerprints import Client
+from proxy.fingerprints import Client, ParamSamples
 from proxy.logs import get_logger
 from proxy.metrics import Metrics
 from proxy.protocol.framing import ProtocolViolation
@@ -46,6 +46,7 @@ class Analysis:
     detectors: Mapping[str, DetectorOptions] = field(default_factory=dict)
     backlog: Backlog = field(default_factory=Backlog)
     applications: Applications = field(default_factory=Applications)
+    samples: ParamSamples | None = None  # the index advisor's, fed only while it runs
 
 
 class Inspector:
@@ -151,8 +152,11 @@ class Inspector:
         """The statements of one round trip: metrics first, then each detector in turn."""
         record = self.metrics.record_statement
         client = self.client_key
+        samples = self.analysis.samples
         for event in events:
             record(event, client)
+            if samples is not None:
+                samples.offer(event)
         for detector in self.detectors:
             try:
                 observe = detector.observe

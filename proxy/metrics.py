@@ -39,6 +39,8 @@ CONNECTION_ERROR_KINDS = (
     "startup_failed",
     # a client that wanted TLS (SSLRequest), was told pgwarden has none, and left
     "tls_refused",
+    # a bug on the relay path: the one session ends (logged as relay_failed)
+    "internal_error",
 )
 # Commands get their own series; anything else (including text pglast could not parse,
 # whose first word is arbitrary) counts as OTHER, so the label set stays bounded.
@@ -223,6 +225,22 @@ class Metrics:
             ["rule", "mode"],
             registry=r,
         )
+        # the index advisor (proxy.advisor): its EXPLAINs by result (ok, denied: a
+        # missing privilege, timeout, error, unavailable: no connection) and its rounds
+        self.advisor_explains = Counter(
+            "pgwarden_advisor_explains",
+            "Statements the index advisor sent to plan, by result",
+            ["result"],
+            registry=r,
+        )
+        for result in ("ok", "denied", "timeout", "error", "unavailable"):
+            self.advisor_explains.labels(result)  # each series there from the start
+        self.advisor_duration = Histogram(
+            "pgwarden_advisor_duration_seconds",
+            "Time one round of the index advisor took",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self._by_sqlstate: dict[str, object] = {}
 
     def record_statement(self, event: StatementEvent, client: Client) -> None:
@@ -243,7 +261,13 @@ class Metrics:
         stats.buckets[bisect_left(DURATION_BUCKETS, duration)] += 1
         if info.fingerprint:
             self.fingerprints.record(
-                info.fingerprint, info.normalized, command, duration, client, not event.sqlstate
+                info.fingerprint,
+                info.normalized,
+                command,
+                duration,
+                client,
+                not event.sqlstate,
+                event.rows or 0,
             )
         if event.sqlstate and event.sqlstate != "skipped":
             self.record_error(event.sqlstate)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from proxy import native, upstream
 from proxy.admin import (
+    OPEN_PATHS,
     AdminServer,
     Request,
     healthz,
@@ -20,10 +21,12 @@ from proxy.admin import (
 )
 from proxy.advice import FILTERS as ADVICE_FILTERS
 from proxy.advice import AdviceSink
+from proxy.advisor import Advisor
 from proxy.analysis.analyzer import Analyzer
 from proxy.backlog import Backlog
 from proxy.config import Address, ConfigError, Settings
 from proxy.fingerprints import FILTERS as FINGERPRINT_FILTERS
+from proxy.fingerprints import ParamSamples
 from proxy.inspector import Analysis
 from proxy.logs import configure_logging, get_logger
 from proxy.metrics import Metrics
@@ -31,6 +34,7 @@ from proxy.protocol.startup import CancelRequest
 from proxy.rewriters.rules import RuleEngine
 from proxy.session import Session
 from proxy.timeouts import TimeoutPolicy
+from proxy.web.page import advice_page
 
 __all__ = ["ListenError", "ProxyServer", "server_ssl_context"]
 
@@ -93,6 +97,9 @@ class ProxyServer:
         self.analysis: Analysis | None = None
         self.timeouts: TimeoutPolicy | None = None
         self.rules: RuleEngine | None = None
+        # the index advisor's parameter samples, kept only while it runs (advisor.dsn)
+        self.samples = ParamSamples() if settings.advisor.dsn else None
+        self._advisor: Advisor | None = None
         self._configure_analysis(settings)
         self._admin = AdminServer(
             {
@@ -102,9 +109,13 @@ class ProxyServer:
                 "/advice": self._advice,
                 "/fingerprints": self._fingerprints,
                 "/clients": self._clients,
+                "/": advice_page(
+                    self.sink.snapshot, self.metrics.fingerprints.snapshot, self.backlog.flush
+                ),
             },
             actions={"/clients/{id}/terminate": self._terminate},
             token=settings.admin.token,  # read once: admin settings need a restart
+            open_paths=OPEN_PATHS | ({"/metrics"} if settings.admin.metrics_public else set()),
         )
         self._cancels: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
@@ -140,6 +151,26 @@ class ProxyServer:
             config=self.settings.source,
             analysis_code=native.MODE,
         )
+        self._start_advisor()
+
+    def _start_advisor(self) -> None:
+        """The index advisor, when advisor.dsn names its connection; else it is off, said
+        once. Its own task: it never runs on the relay's path."""
+        samples = self.samples
+        if samples is None:
+            why: str | None = "advisor.dsn is not set"
+        elif not self.settings.analysis.enabled:
+            why = "analysis.enabled is false"
+        else:
+            why = Advisor.refuses(self.settings)
+        if samples is None or why is not None:
+            log.info("advisor_off", reason=why)
+            return
+        self._advisor = Advisor(
+            lambda: self.settings, self.metrics.fingerprints, samples, self.sink, self.metrics
+        )
+        self._advisor.start()
+        log.info("advisor_started", interval_s=float(self.settings.advisor.interval))
 
     async def _check_upstream(self) -> None:
         """One warning at start when the upstream does not answer, as every client would
@@ -180,6 +211,8 @@ class ProxyServer:
             session.terminate("drain_timeout")
         if self._cancels:
             await asyncio.wait(self._cancels, timeout=2.0)
+        if self._advisor is not None:
+            await self._advisor.stop()
         await self._admin.stop()
         log.info("stopped", closed_at_deadline=left)
         self._stopped.set()
@@ -196,6 +229,9 @@ class ProxyServer:
         for key in ("listen", "admin"):
             if getattr(new, key) != getattr(self.settings, key):
                 log.warning("reload_needs_restart", key=key)
+        for key in ("dsn", "password", "statement_timeout"):  # the advisor's connections
+            if getattr(new.advisor, key) != getattr(self.settings.advisor, key):
+                log.warning("reload_needs_restart", key=f"advisor.{key}")
         try:
             self.server_tls = server_ssl_context(new)
         except (OSError, ssl.SSLError) as exc:
@@ -224,7 +260,12 @@ class ProxyServer:
         detectors = settings.detectors.enabled() if settings.analysis.enabled else {}
         self.analyzer.resize(settings.analysis.cache_size)
         self.analysis = Analysis(
-            self.analyzer, self.sink, self.metrics, detectors, backlog=self.backlog
+            self.analyzer,
+            self.sink,
+            self.metrics,
+            detectors,
+            backlog=self.backlog,
+            samples=self.samples if settings.analysis.enabled else None,
         )
 
     # --------------------------------------------------------------- admin

@@ -54,6 +54,17 @@ LAYERS = (
         ),
         never=SESSION_AND_SERVER,
     ),
+    # the index advisor runs beside the relay: it reads the statistics and reports advice,
+    # and only the server (which starts it) imports it (test_only_the_server_imports_...)
+    Layer("advisor", ("proxy.advisor",), never=(*SESSION_AND_SERVER, "proxy.inspector")),
+    # the page and the report render what the admin server's JSON holds: nothing of the
+    # relay or the analysis, so a page can be rendered from any pgwarden's answers
+    Layer(
+        "web",
+        ("proxy.web",),
+        only=("proxy.web", "proxy.admin", "proxy.advice", "proxy.logs"),
+        never=(*SESSION_AND_SERVER, "proxy.inspector", "proxy.advisor"),
+    ),
 )
 
 Imports = dict[str, dict[str, str]]  # module -> imported name -> where ("file:line")
@@ -196,3 +207,13 @@ def test_layers_import_only_down() -> None:
                 if escapes or within(target, layer.never):
                     broken.append(f"{layer.name}: {module} imports {target} ({where})")
     assert not broken, "imports against the layers:\n" + "\n".join(broken)
+
+
+def test_only_the_server_imports_the_advisor() -> None:
+    importers = sorted(
+        module
+        for module, targets in scan().items()
+        if not within(module, ("proxy.advisor",))
+        and any(within(target, ("proxy.advisor",)) for target in targets)
+    )
+    assert importers == ["proxy.server"]
