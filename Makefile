@@ -10,7 +10,10 @@ NATIVE := $(VENV)/.compiled
 # Unit tests of the compiled modules, run once more as plain Python (see test target).
 PURE_TESTS := tests/test_analyzer.py tests/test_backlog.py tests/test_fingerprints.py \
 	tests/test_statement_tracker.py tests/test_advice_clients.py tests/test_detectors_unit.py \
-	tests/test_detector_options.py tests/test_protocol_editor.py
+	tests/test_detector_options.py tests/test_protocol_editor.py tests/test_applications.py \
+	tests/test_write_loop.py tests/test_application_rules.py tests/test_transaction_rules.py \
+	tests/test_result_rules.py tests/test_protocol_framing.py tests/test_session_relay.py \
+	tests/test_session_unit.py tests/test_session_handshake.py tests/test_session_hooks.py
 
 # Dependencies only; the package itself is compiled by the next rule.
 $(STAMP): pyproject.toml setup.py

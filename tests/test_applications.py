@@ -3,15 +3,11 @@ when idle; and the parse-tree facts the rules of issue 12 read."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
-from proxy.advice import Advice
 from proxy.analysis.analyzer import Analyzer, Lookup
-from proxy.detectors import Applications, Detector, SessionIdentity, build_detectors
-from proxy.detectors.base import NO_ADVICE, DetectorOptions
-from proxy.tracking.events import StatementEvent
+from proxy.detectors import Applications, SessionIdentity, build_detectors
+from proxy.detectors.repeated_read import RepeatedRead, RepeatedReadOptions
 
 
 class Clock:
@@ -85,45 +81,26 @@ def test_releasing_an_unshared_or_dropped_state_is_harmless() -> None:
     assert apps.attach("rule", app("a"), list) is kept
 
 
-class _Counting(Detector):
-    """Counts the statements of every session of its application."""
-
-    rule = "counting"
-
-    def __init__(
-        self,
-        options: DetectorOptions,
-        identity: SessionIdentity,
-        applications: Applications | None = None,
-    ) -> None:
-        super().__init__(options, identity, applications)
-        self.seen: list[str] = self.shared(list)
-
-    def observe(self, event: StatementEvent) -> Sequence[Advice]:
-        self.seen.append(event.info.fingerprint)
-        return NO_ADVICE
-
-
-def test_detectors_get_their_applications_state_through_build_detectors(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import proxy.detectors as registry
-
-    monkeypatch.setitem(registry.DETECTORS, "counting", _Counting)
+def test_detectors_get_their_applications_state_through_build_detectors() -> None:
+    """Two sessions of one application share the rule's state; another application's
+    session does not; released by both, it goes once idle."""
     clock = Clock()
     apps = Applications(idle=1.0, clock=clock)
-    options = {"counting": DetectorOptions()}
-    one = build_detectors(options, app("web"), apps)[0]
-    two = build_detectors(options, app("web"), apps)[0]
-    assert isinstance(one, _Counting) and isinstance(two, _Counting)
-    assert one.seen is two.seen
-    one.release()
-    two.release()
-    two.release()
-    assert len(apps) == 1  # released, dropped once idle, at the next sweep
+    options = {"repeated_read": RepeatedReadOptions()}
+    (one,) = build_detectors(options, app("web"), apps)
+    (two,) = build_detectors(options, app("web"), apps)
+    (other,) = build_detectors(options, app("worker"), apps)
+    assert isinstance(one, RepeatedRead) and isinstance(two, RepeatedRead)
+    assert isinstance(other, RepeatedRead)
+    assert one._reads is two._reads
+    assert other._reads is not one._reads
+    for detector in (one, two, two):  # a second release is harmless
+        detector.release()
+    assert len(apps) == 2  # released, dropped once idle, at the next sweep
     clock.now += 2
-    build_detectors(options, app("other"), apps)
-    assert len(apps) == 1
+    (three,) = build_detectors(options, app("web"), apps)
+    assert isinstance(three, RepeatedRead) and three._reads is not one._reads
+    assert len(apps) == 2  # worker's (still held) and web's new one
 
 
 def facts(sql: str) -> dict[str, object]:

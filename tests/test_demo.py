@@ -32,12 +32,35 @@ def test_demo_catches_the_loops_and_stops_the_bad_statements() -> None:
     )
     assert 'SQLSTATE 42501: pgwarden: statement blocked by rule "no-unqualified-delete"' in out
     assert '"event": "advice"' in out
-    # exactly the three loops are advised; the healthy = ANY and JOIN queries are not
+    # the index advisor proves the orders page's index
+    assert "CREATE INDEX CONCURRENTLY orders_customer_id_status_idx ON orders" in out
+    # each pattern of the app is advised once, by its rule (insert_loop three times: a
+    # loop, a pipelined batch, an upsert loop); the healthy = ANY and JOIN queries are not
     rows = [
         line for line in out.splitlines() if re.match(r"^\s*\d+\s+(info|warning|critical)\s", line)
     ]
-    assert len(rows) == 3, rows
+    assert sorted(row.split()[2] for row in rows) == sorted(
+        [
+            "n_plus_one",
+            "insert_loop",
+            "insert_loop",
+            "insert_loop",
+            "missing_index",
+            "write_loop",
+            "repeated_read",
+            "catalog_polling",
+            "unwrapped_writes",
+            "check_then_write",
+            "select_star",
+            "unbounded_result",
+            "long_transaction",
+            "connection_churn",
+        ]
+    ), rows
     assert not any("ANY(" in row or " JOIN " in row for row in rows)
+    assert "UPDATE books SET title = v.title FROM unnest(" in out  # write_loop's batch
+    assert "SELECT name FROM authors WHERE id = $1 FOR UPDATE" in out  # check_then_write's
+    assert "ON CONFLICT (id) DO UPDATE SET name = excluded.name" in out  # the upsert kept
     # no address that is dead by the time it is read; the way to keep them instead
     assert "http://" not in out
     assert "pgwarden demo --keep" in out

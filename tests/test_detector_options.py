@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from structlog.testing import capture_logs
 from proxy.config import ConfigError, Settings, parse_duration, settings_from_dict
 from proxy.detectors import DETECTORS, DetectorOptions, SessionIdentity, build_detectors
 from proxy.detectors.insert_loop import InsertLoop, InsertLoopOptions
-from proxy.detectors.leading_wildcard import LeadingWildcard, LeadingWildcardOptions
+from proxy.detectors.leading_wildcard import LeadingWildcard
+from proxy.detectors.missing_index import MissingIndexOptions
 from proxy.detectors.n_plus_one import NPlusOne, NPlusOneOptions
-from proxy.detectors.not_in_subquery import NotInSubquery, NotInSubqueryOptions
+from proxy.detectors.not_in_subquery import NotInSubquery
 from proxy.detectors.slow_query import SlowQuery, SlowQueryOptions
 from proxy.durations import Duration
 
@@ -80,13 +82,13 @@ def test_the_shipped_config_documents_every_rule_with_its_defaults() -> None:
 def test_default_settings_hold_every_rule_with_its_defaults() -> None:
     settings = Settings()
     assert settings.detectors.rules == {r: d.options_type() for r, d in DETECTORS.items()}
-    assert settings.detectors.enabled() == {
-        "n_plus_one": NPlusOneOptions(min_repeats=5),
-        "insert_loop": InsertLoopOptions(min_repeats=10),
-        "slow_query": SlowQueryOptions(threshold=Duration(1.0)),
-        "not_in_subquery": NotInSubqueryOptions(),
-        "leading_wildcard": LeadingWildcardOptions(warn_above=Duration(0.01)),
-    }
+    # every rule is on by default, each with its own defaults
+    assert settings.detectors.enabled() == {r: d.options_type() for r, d in DETECTORS.items()}
+    assert settings.detectors.enabled()["n_plus_one"] == NPlusOneOptions(min_repeats=5)
+    assert settings.detectors.enabled()["slow_query"] == SlowQueryOptions(threshold=Duration(1.0))
+    assert settings.detectors.enabled()["missing_index"] == MissingIndexOptions(
+        min_table_rows=10000, min_saving=0.5
+    )
     assert settings_from_dict(yaml.safe_load(SHIPPED.read_text())) == settings
 
 
@@ -107,11 +109,10 @@ def test_a_block_sets_its_rule_and_leaves_the_others_at_their_defaults() -> None
     assert isinstance(rules["slow_query"], SlowQueryOptions)
     assert isinstance(rules["slow_query"].threshold, Duration)
     # what sessions get: the enabled rules only
-    assert settings.detectors.enabled() == {
+    defaults = {r: d.options_type() for r, d in DETECTORS.items() if r != "insert_loop"}
+    assert settings.detectors.enabled() == defaults | {
         "n_plus_one": NPlusOneOptions(min_repeats=3),
         "slow_query": SlowQueryOptions(threshold=Duration(0.25)),
-        "not_in_subquery": NotInSubqueryOptions(),
-        "leading_wildcard": LeadingWildcardOptions(),
     }
     assert settings_from_dict({"detectors": {"slow_query": {}}}).detectors == Settings().detectors
 
@@ -121,13 +122,15 @@ def test_check_config_prints_every_rule_with_its_options(tmp_path: Path) -> None
     result = check_config(tmp_path, config)
     assert result.returncode == 0, result.stderr
     effective = yaml.safe_load(result.stdout.split("\n", 1)[1])
-    assert effective["detectors"] == {
-        "n_plus_one": {"enabled": True, "min_repeats": 5},
-        "insert_loop": {"enabled": False, "min_repeats": 10},
-        "slow_query": {"enabled": True, "threshold": "120s"},
-        "not_in_subquery": {"enabled": True},
-        "leading_wildcard": {"enabled": True, "warn_above": "0.01s"},
-    }
+    printed = effective["detectors"]
+    assert list(printed) == list(DETECTORS)  # every rule, in the registry's order
+    assert printed["n_plus_one"] == {"enabled": True, "min_repeats": 5}
+    assert printed["insert_loop"] == {"enabled": False, "min_repeats": 10}
+    assert printed["slow_query"] == {"enabled": True, "threshold": "120s"}
+    assert printed["leading_wildcard"] == {"enabled": True, "warn_above": "0.01s"}
+    assert printed["missing_index"] == {"enabled": True, "min_table_rows": 10000, "min_saving": 0.5}
+    for rule, options in printed.items():  # each with exactly its own option keys
+        assert list(options) == [f.name for f in fields(DETECTORS[rule].options_type)], rule
 
 
 BAD_DETECTORS: dict[str, tuple[dict[str, Any], str]] = {
@@ -171,13 +174,11 @@ def test_check_config_exits_2_naming_the_key(
 
 def test_build_detectors_builds_each_enabled_rule_with_its_options() -> None:
     built = build_detectors(settings_from_dict({}).detectors.enabled(), WHO)
-    assert [type(d) for d in built] == [
-        NPlusOne,
-        InsertLoop,
-        SlowQuery,
-        NotInSubquery,
-        LeadingWildcard,
-    ]
+    # in the registry's order, all but the rules that do not run per session
+    assert [type(d) for d in built] == [d for d in DETECTORS.values() if d.per_session]
+    assert {NPlusOne, InsertLoop, SlowQuery, NotInSubquery, LeadingWildcard} <= set(
+        map(type, built)
+    )
     built = build_detectors(
         {"n_plus_one": NPlusOneOptions(min_repeats=3), "slow_query": SlowQueryOptions()}, WHO
     )

@@ -88,6 +88,7 @@ _TRANSACTION_KINDS = {
     "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
     "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
 }
+_TRANSACTION_ENDS = ("TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE")
 _EMPTY = "EMPTY"  # the command of a Query with no statement in it
 # Parse tree nodes named like statements that are never a statement of their own
 _NOT_STATEMENTS = ("RawStmt", "SetOperationStmt", "PLAssignStmt", "ReturnStmt")
@@ -150,6 +151,7 @@ class StatementInfo:
     insert_columns: tuple[str, ...] = ()
     select_star: bool = False
     has_limit: bool = False
+    limit_param: int = 0  # the `$n` a SELECT's LIMIT / FETCH FIRST count is (0: none, or not one)
     has_where: bool = False
     for_update: bool = False
     on_conflict: bool = False
@@ -167,12 +169,20 @@ class StatementInfo:
     set_reads_columns: bool = False  # a new value is computed from columns (`n = n + 1`)
     order_by: tuple[str, ...] = ()  # the plain columns of a SELECT's top-level ORDER BY
     catalog_only: bool = False  # reads only information_schema / pg_catalog relations
+    modifies: bool = False  # a SELECT whose WITH writes (INSERT/UPDATE/DELETE/MERGE)
     # the isolation level a BEGIN / START TRANSACTION / SET TRANSACTION asks for, lower
     # case ("read committed"...), and whether it holds for the transaction or the session
     # (SET SESSION CHARACTERISTICS, SET default_transaction_isolation); "?" when the
     # level is a value the statement text does not hold
     isolation: str = ""
     isolation_scope: str = ""
+    # COMMIT, ROLLBACK or PREPARE TRANSACTION: the transaction block is over (not ROLLBACK
+    # TO SAVEPOINT, not AND CHAIN, which opens the next one at once)
+    ends_transaction: bool = False
+    # an UPDATE or DELETE whose WHERE has a condition besides its `col = $n` lookups (a
+    # version or state check such as `updated_at < $3`, `processed IS FALSE`)
+    guarded: bool = False
+    advisory_lock: bool = False  # calls pg_advisory_* / pg_try_advisory_* (lock or unlock)
     error: str | None = None  # why pglast could not parse it
 
     @property
@@ -399,16 +409,27 @@ def _describe(stmt: dict[str, Any], text: str) -> StatementInfo:
     elif kind in ("UpdateStmt", "DeleteStmt"):
         facts = {"has_where": "whereClause" in node}
         facts["lookups"] = _lookups(node.get("whereClause"), tables)
+        if len(_conjuncts(node.get("whereClause"))) > len(facts["lookups"]):
+            facts["guarded"] = True
         if kind == "UpdateStmt":
             facts.update(_update_facts(node))
     elif kind in ("TransactionStmt", "VariableSetStmt"):
         facts = _isolation_facts(kind, node)
+        if node.get("kind") in _TRANSACTION_ENDS and not node.get("chain"):
+            facts["ends_transaction"] = True
     if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt"):
         facts["target"] = _relation_name(node.get("relation", {}))
     upper = text.upper()
     if "NOT" in upper or "LIKE" in upper or "~~" in upper:
         # only then can it hold a NOT IN or a LIKE: the parse tree decides which, if any
         facts.update(_predicate_facts(stmt, tables))
+    if "ADVISORY" in upper and any(
+        str(name.get("String", {}).get("sval", "")).startswith(("pg_advisory", "pg_try_advisory"))
+        for n in _walk(stmt)
+        if "FuncCall" in n
+        for name in n["FuncCall"].get("funcname", [])[-1:]
+    ):
+        facts["advisory_lock"] = True
     lookups = facts.get("lookups", ())
     if any(x.table is not None and x.table not in tables for x in lookups):
         aliases = _aliases(stmt)  # `o.id = $1` with `orders o` in a join: the table is orders
@@ -682,12 +703,23 @@ def _select_facts(node: dict[str, Any], tables: tuple[str, ...]) -> dict[str, An
         "batched_lookup": _is_batched(where),
         "select_star": star,
         "has_limit": "limitCount" in node,
+        "limit_param": _param_number(node.get("limitCount", {})) or 0,
         "order_by": _order_by(node),
         "has_where": where is not None,
         "for_update": "lockingClause" in node,
         "has_join": len(from_clause) > 1 or any("JoinExpr" in f for f in from_clause),
         "aggregate_only": aggregate_only,
+        "modifies": _with_writes(node),
     }
+
+
+def _with_writes(node: dict[str, Any]) -> bool:
+    """A data-modifying WITH (only allowed at the top level): the SELECT writes too."""
+    return any(
+        kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
+        for cte in node.get("withClause", {}).get("ctes", ())
+        for kind in cte.get("CommonTableExpr", {}).get("ctequery", {})
+    )
 
 
 def _insert_facts(node: dict[str, Any]) -> dict[str, Any]:

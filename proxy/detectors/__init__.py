@@ -10,11 +10,21 @@ from collections.abc import Mapping
 
 from proxy.detectors.applications import Applications
 from proxy.detectors.base import Detector, DetectorOptions, SessionIdentity
+from proxy.detectors.catalog_polling import CatalogPolling
+from proxy.detectors.check_then_write import CheckThenWrite
+from proxy.detectors.connection_churn import ConnectionChurn
 from proxy.detectors.insert_loop import InsertLoop
 from proxy.detectors.leading_wildcard import LeadingWildcard
+from proxy.detectors.long_transaction import LongTransaction
+from proxy.detectors.missing_index import MissingIndex
 from proxy.detectors.n_plus_one import NPlusOne
 from proxy.detectors.not_in_subquery import NotInSubquery
+from proxy.detectors.repeated_read import RepeatedRead
+from proxy.detectors.select_star import SelectStar
 from proxy.detectors.slow_query import SlowQuery
+from proxy.detectors.unbounded_result import UnboundedResult
+from proxy.detectors.unwrapped_writes import UnwrappedWrites
+from proxy.detectors.write_loop import WriteLoop
 from proxy.logs import get_logger
 
 __all__ = [
@@ -33,9 +43,19 @@ DETECTORS: dict[str, type[Detector]] = {
     for cls in (
         NPlusOne,
         InsertLoop,
+        WriteLoop,
         SlowQuery,
         NotInSubquery,
         LeadingWildcard,
+        MissingIndex,
+        RepeatedRead,
+        CatalogPolling,
+        SelectStar,
+        UnboundedResult,
+        ConnectionChurn,
+        UnwrappedWrites,
+        CheckThenWrite,
+        LongTransaction,
     )
 }
 
@@ -54,6 +74,8 @@ def build_detectors(
     for rule, options in options_by_rule.items():
         try:
             cls = DETECTORS[rule]
+            if not cls.per_session:
+                continue
             if not isinstance(options, cls.options_type):
                 raise TypeError(f"{type(options).__name__} is not {cls.options_type.__name__}")
             detectors.append(cls(options, identity, applications))

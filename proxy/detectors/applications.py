@@ -57,6 +57,9 @@ class Applications:
         the caller holds it until `release`."""
         key = (rule, identity.database, identity.user, identity.application_name)
         held = self._held.get(key)
+        if held is not None and not held.sessions and self.clock() - held.released > self.idle:
+            del self._held[key]  # idle past its time, not yet swept: as good as gone
+            held = None
         if held is None:
             self._sweep(rule)
             if self._count(rule) >= self.max_applications:

@@ -41,6 +41,9 @@ class DetectorOptions:
 class Detector:
     rule: ClassVar[str]
     options_type: ClassVar[type[DetectorOptions]] = DetectorOptions
+    # False: a rule judged outside the sessions (the index advisor's missing_index), which
+    # is registered for its options only and never built for a session
+    per_session: ClassVar[bool] = True
 
     def __init__(
         self,

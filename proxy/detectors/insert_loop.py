@@ -1,4 +1,8 @@
-"""insert_loop: the same one-row INSERT run again and again in one transaction or burst."""
+"""insert_loop: the same one-row INSERT run again and again in one transaction or burst.
+
+An upsert (`INSERT ... ON CONFLICT ...`) loop is one too: its batched form keeps the ON
+CONFLICT clause, which then applies row by row as before.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +86,11 @@ class InsertLoop(Detector):
                 )
             if burst.transaction is None:
                 suggestion += " Running them in one transaction also saves a commit per row."
+            if event.info.on_conflict:
+                suggestion += (
+                    " The ON CONFLICT clause is kept; with DO UPDATE, one statement may not "
+                    "update a row twice, so send each key once."
+                )
             out.append(
                 self.advice(
                     event,
@@ -90,6 +99,13 @@ class InsertLoop(Detector):
                     suggestion=suggestion,
                     suggested_sql=multirow_insert_sql(event.info.normalized, types),
                     time_spent_s=burst.time_spent,
+                    evidence={
+                        "statements": burst.count,
+                        "round_trips": len(burst.round_trips),
+                        "window_s": round(burst.last - burst.first, 3),
+                        "time_ms": round(burst.time_spent * 1000, 3),
+                        "in_transaction": burst.transaction is not None,
+                    },
                 )
             )
         return out

@@ -109,5 +109,9 @@ class LeadingWildcard(Detector):
                 ),
                 suggested_sql=suggested,
                 time_spent_s=event.duration,
+                evidence={
+                    "duration_ms": round(event.duration * 1000, 3),
+                    "warn_above_ms": round(self.warn_above * 1000, 3),
+                },
             )
         ]

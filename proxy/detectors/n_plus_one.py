@@ -144,20 +144,7 @@ class NPlusOne(Detector):
             self._source_bytes -= sources.popitem(last=False)[1].size
 
     def _values(self, event: StatementEvent) -> list[str | None]:
-        params = event.params()
-        literals = event.parsed.literals
-        types = event.param_types
-        out: list[str | None] = []
-        for lookup in event.info.lookups:
-            index = lookup.param - 1
-            value: str | None = None
-            if params is not None and index < len(params):
-                raw, fmt = params[index]
-                value = canonical(raw, fmt, types[index] if index < len(types) else 0)
-            elif literals and index < len(literals):
-                value = literal_text(literals[index])
-            out.append(value)
-        return out
+        return [_param_text(event, lookup.param) for lookup in event.info.lookups]
 
     def _record(self, burst: _LookupBurst, event: StatementEvent) -> None:
         fingerprint = event.info.fingerprint
@@ -217,20 +204,51 @@ class NPlusOne(Detector):
                 "each. Collect the keys and fetch all rows in one query: suggested_sql takes "
                 "them as one array."
             )
+        info = event.info
+        # An ORM's "find one" (`LIMIT 1` per key, TypeORM's findOne): the batch drops it
+        one_row = info.limit_param > 0 and _param_text(event, info.limit_param) == "1"
+        suggested = batched_lookup_sql(info.normalized, lookup.param, drop_limit=one_row)
+        if one_row and suggested is not None:
+            suggestion += " Each lookup asked for one row (LIMIT 1): the batch has no LIMIT."
         severity = "critical" if n >= 20 * self.min_repeats else "warning"
         return self.advice(
             event,
             severity=severity,
             count=n,
             suggestion=suggestion,
-            suggested_sql=batched_lookup_sql(event.info.normalized, lookup.param),
+            suggested_sql=suggested,
             source=(
                 {"fingerprint": source[0], "statement": source[1], "column": source[2]}
                 if source
                 else None
             ),
             time_spent_s=burst.time_spent,
+            evidence={
+                "statements": n,
+                "round_trips": len(burst.round_trips),
+                "window_s": round(burst.last - burst.first, 3),
+                "time_ms": round(burst.time_spent * 1000, 3),
+                "in_transaction": burst.transaction is not None,
+                "distinct_keys": len(burst.distinct[varying]),
+            },
         )
+
+
+def _param_text(event: StatementEvent, number: int) -> str | None:
+    """`$number`'s value in comparable text form: a Bind value, or a literal that
+    normalize() lifted (numbered after the statement's own parameters); in memory only."""
+    params = event.params()
+    if params is not None and number <= len(params):
+        raw, fmt = params[number - 1]
+        types = event.param_types
+        return canonical(raw, fmt, types[number - 1] if number <= len(types) else 0)
+    literals = event.parsed.literals
+    if not literals:
+        return None
+    offset = max((int(t[1:]) for t in literals if t[:1] == "$" and t[1:].isdigit()), default=0)
+    constants = [t for t in literals if not (t[:1] == "$" and t[1:].isdigit())]
+    index = number - offset - 1
+    return literal_text(constants[index]) if 0 <= index < len(constants) else None
 
 
 def _first_rows(rows: list[bytes], budget: int) -> tuple[list[bytes], int]:

@@ -57,5 +57,6 @@ class NotInSubquery(Detector):
                 ),
                 suggested_sql=not_exists_sql(info.normalized),
                 time_spent_s=event.duration,
+                evidence={"duration_ms": round(event.duration * 1000, 3)},
             )
         ]

@@ -58,5 +58,9 @@ class SlowQuery(Detector):
                 ),
                 suggested_sql=None,
                 time_spent_s=event.duration,
+                evidence={
+                    "duration_ms": round(event.duration * 1000, 3),
+                    "threshold_ms": round(self.threshold * 1000, 3),
+                },
             )
         ]

@@ -8,6 +8,7 @@ all of it stays up until SIGINT or SIGTERM, so the addresses it prints can be op
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,11 +19,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from proxy.tools.pgcluster import LocalCluster, free_port
 from proxy.tools.report import format_advice
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["run_demo"]
 
@@ -58,6 +63,22 @@ def _app(dsn: str) -> list[str]:
 
     stopped = []
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # The orders page: a lookup on columns no index serves, on a table big enough for
+        # it to matter; pgwarden's index advisor proves the index (with HypoPG, if there).
+        conn.execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL,"
+            " status text NOT NULL, total numeric NOT NULL);"
+            "INSERT INTO orders (customer_id, status, total) SELECT g % 5000,"
+            " (ARRAY['new', 'paid', 'shipped'])[1 + g % 3], g FROM generate_series(1, 50000) g;"
+            "ANALYZE orders"
+        )
+        with contextlib.suppress(psycopg.Error):  # not installed: the advice is unverified
+            conn.execute("CREATE EXTENSION hypopg")
+        for customer in range(1, 6):
+            conn.execute(
+                "SELECT id, total FROM orders WHERE customer_id = %s AND status = %s",
+                [customer, "paid"],
+            ).fetchall()
         conn.execute(
             "CREATE TABLE authors (id serial PRIMARY KEY, name text NOT NULL);"
             "CREATE TABLE books (id serial PRIMARY KEY, author_id int NOT NULL"
@@ -91,7 +112,76 @@ def _app(dsn: str) -> list[str]:
             except psycopg.Error as exc:
                 stopped.append(f"{sql}\n    -> SQLSTATE {exc.sqlstate}: {exc}")
         conn.execute("SELECT count(*) FROM books").fetchone()  # and the connection still works
+        _back_office(conn, dsn)
     return stopped
+
+
+def _back_office(conn: psycopg.Connection[Any], dsn: str) -> None:
+    """The shop's back office, written the ways the seed reports found by hand: loops of
+    writes, writes without a transaction, races, wide and unbounded reads, polling, no
+    pool, a transaction left open. Each is one of pgwarden's rules."""
+    import psycopg
+
+    # Restock: one UPDATE per book, in one transaction (write_loop; TypeORM's `IN ($n)`).
+    with conn.transaction():
+        for book_id in range(1, 13):
+            conn.execute(
+                'UPDATE "books" SET "title" = %s WHERE "id" IN (%s)',
+                [f"Book {book_id}, 2nd edition", book_id],
+            )
+    # Catalogue sync: one upsert per author (insert_loop; the fix keeps ON CONFLICT).
+    with conn.transaction():
+        for i in range(1, 13):
+            conn.execute(
+                "INSERT INTO authors (id, name) VALUES (%s, %s)"
+                " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
+                [i, f"Author {i}"],
+            )
+    # Every request re-reads the shop's settings and checks that a table exists before
+    # it writes: a cache candidate (repeated_read) and schema polling (catalog_polling).
+    conn.execute(
+        "CREATE TABLE settings (key text PRIMARY KEY, value text NOT NULL);"
+        "INSERT INTO settings VALUES ('currency', 'EUR')"
+    )
+    for _ in range(12):
+        conn.execute("SELECT value FROM settings WHERE key = %s", ["currency"]).fetchone()
+        conn.execute(
+            "SELECT EXISTS (SELECT FROM information_schema.tables"
+            " WHERE table_schema = %s AND table_name = %s)",
+            ["public", "settings"],
+        ).fetchone()
+    # Enrichment without a transaction: two tables, each write committed on its own
+    # (unwrapped_writes).
+    row = conn.execute("INSERT INTO authors (name) VALUES (%s) RETURNING id", ["Ann"]).fetchone()
+    author = row[0] if row else 0
+    conn.execute("INSERT INTO books (author_id, title) VALUES (%s, %s)", [author, "Ann's"])
+    conn.execute("UPDATE authors SET name = %s WHERE id = %s", ["Ann B.", author])
+    # Read, then write back what was read, without a row lock: a lost update
+    # (check_then_write).
+    with conn.transaction():
+        found = conn.execute("SELECT name FROM authors WHERE id = %s", [author]).fetchone()
+        name = found[0] if found else ""
+        conn.execute("UPDATE authors SET name = %s WHERE id = %s", [f"{name} (ed.)", author])
+    # Book covers as JSONB, loaded with SELECT * by a list that shows titles only
+    # (select_star); every sale on one page, no LIMIT (unbounded_result).
+    with conn.transaction():
+        conn.execute(
+            "ALTER TABLE books ADD COLUMN cover jsonb;"
+            "UPDATE books SET cover = jsonb_build_object('png', repeat(md5(id::text), 100));"
+            "CREATE TABLE sales (id serial PRIMARY KEY, book_id int NOT NULL, at timestamptz);"
+            "INSERT INTO sales (book_id, at) SELECT g % 60 + 1, now()"
+            " FROM generate_series(1, 2000) g"
+        )
+    conn.execute("SELECT * FROM books WHERE author_id > %s", [0]).fetchall()
+    conn.execute("SELECT id, book_id, at FROM sales ORDER BY id").fetchall()
+    # A transaction left open past long_transaction's threshold (1s in the demo's config).
+    with conn.transaction():
+        conn.execute("SELECT count(*) FROM books WHERE author_id = %s", [author]).fetchone()
+        time.sleep(1.5)
+    # A connection per request, no pool (connection_churn: 20 in well under 10 s).
+    for i in range(20):
+        with psycopg.connect(dsn, autocommit=True) as request:
+            request.execute("SELECT title FROM books WHERE id = %s", [i + 1]).fetchone()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -137,6 +227,15 @@ def _demo(keep: bool) -> int:
                     "listen": f"127.0.0.1:{port}",
                     "upstream": {"address": f"127.0.0.1:{pg.port}", "sslmode": "disable"},
                     "admin": {"listen": f"127.0.0.1:{admin}"},
+                    # the index advisor, on a connection of its own to the same PostgreSQL
+                    "advisor": {
+                        "dsn": f"host=127.0.0.1 port={pg.port} user=postgres",
+                        "interval": "0.5s",
+                        "min_calls": 3,
+                        "min_total_time": 0,
+                    },
+                    # so that the demo's open transaction is long enough to be reported
+                    "detectors": {"long_transaction": {"threshold": "1s"}},
                     **_RULES,
                 }
             )
@@ -183,6 +282,7 @@ def _demo(keep: bool) -> int:
             if lines:
                 print("\nAnd one advice as the JSON line developers find in pgwarden's log:")
                 print(f"  {lines[0]}")
+            print(f"\nThe optimization report, as `pgwarden report` writes it: {_report(base)}")
             if not keep:
                 print(
                     "\nThe demo ends here, and PostgreSQL and pgwarden with it. To keep them "
@@ -220,8 +320,23 @@ def _keep_running(port: int, admin: str, pid: int, tmp: str) -> None:
     print(f"""
 Everything keeps running until Ctrl-C (or SIGTERM to pid {os.getpid()}):
   the app's database, through pgwarden:  psql "{dsn}"
+  the page:  {admin}/   (the advice, for people; or: pgwarden report --admin {admin})
   metrics:   {admin}/metrics
   advice:    {admin}/advice   or: pgwarden advice --admin {admin}
   pgwarden:  pid {pid}
   files:     {tmp} (removed when the demo stops)""")
     sys.stdout.flush()  # for a reader on a pipe, who would otherwise see nothing until the end
+
+
+def _report(base: str) -> Path:
+    """The Markdown report of the pgwarden at `base`, written where it outlives the demo."""
+    from proxy.tools.report_document import markdown_report
+    from proxy.web.view import build_view
+
+    answers = {}
+    for name in ("advice", "fingerprints"):
+        with urllib.request.urlopen(f"{base}/{name}", timeout=5) as response:
+            answers[name] = json.load(response)[name]
+    path = Path(tempfile.gettempdir()) / "pgwarden-demo-report.md"
+    path.write_text(markdown_report(build_view(answers["advice"], answers["fingerprints"])))
+    return path

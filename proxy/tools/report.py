@@ -16,10 +16,10 @@ def _short(text: str, width: int) -> str:
 def format_advice(advice: list[dict[str, Any]]) -> str:
     if not advice:
         return "No advice yet: pgwarden has not seen a pattern worth fixing.\n"
-    lines = [f"{'#':>2}  {'severity':8}  {'rule':12}  {'count':>5}  {'seen':>4}  statement"]
+    lines = [f"{'#':>2}  {'severity':8}  {'rule':16}  {'count':>5}  {'seen':>4}  statement"]
     for i, a in enumerate(advice, 1):
         lines.append(
-            f"{i:>2}  {a['severity']:8}  {a['rule']:12}  {a['count']:>5}  "
+            f"{i:>2}  {a['severity']:8}  {a['rule']:16}  {a['count']:>5}  "
             f"{a.get('occurrences', 1):>4}  {_short(a['statement'], 60)}"
         )
     lines.append("")
