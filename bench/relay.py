@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import shutil
 import subprocess
@@ -86,21 +87,28 @@ class _Host:
     def cancel_backend(self, session: object, done: object) -> None: ...
 
 
-def _messages(mode: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """(first client chunk, its reply, a transaction's client chunk, its reply)."""
+KEYS = 60_000  # distinct keys, made whatever the count: --instructions differences two runs
+
+
+def _messages(mode: str) -> tuple[bytes, bytes, list[bytes], bytes]:
+    """(first client chunk, its reply, transactions' client chunks, their reply). Each
+    transaction looks up another key, as pgbench's random ones do (a key read again and
+    again would be a cache candidate, which repeated_read reports), all of one width; past
+    KEYS transactions they come round again."""
     from proxy.protocol import messages as m
 
     row = m.DataRow((b"0",)).encode() + m.CommandComplete("SELECT 1").encode()
     ready = m.ReadyForQuery(b"I").encode()
+    keys = [str(1_000_000 + i) for i in range(KEYS)]
     if mode == "simple":
-        query = m.Query(SELECT.replace("$1", "12345")).encode()
+        queries = [m.Query(SELECT.replace("$1", key)).encode() for key in keys]
         description = m.RowDescription((m.Column("abalance", 0, 0, 23, 4, -1, 0),)).encode()
-        return query, description + row + ready, query, description + row + ready
+        return queries[0], description + row + ready, queries, description + row + ready
     parse = m.Parse("P0_1", SELECT, (23,)).encode() + m.Sync().encode()
-    execute = m.Bind("", "P0_1", (0,), (b"12345",), (0,)).encode()
-    execute += m.Execute("", 0).encode() + m.Sync().encode()
+    tail = m.Execute("", 0).encode() + m.Sync().encode()
+    executes = [m.Bind("", "P0_1", (0,), (key.encode(),), (0,)).encode() + tail for key in keys]
     reply = m.BindComplete().encode() + row + ready
-    return parse, m.ParseComplete().encode() + ready, execute, reply
+    return parse, m.ParseComplete().encode() + ready, executes, reply
 
 
 async def _run(transactions: int, mode: str, analysis: bool) -> float:
@@ -118,14 +126,15 @@ async def _run(transactions: int, mode: str, analysis: bool) -> float:
     auth = m.AuthenticationRequest(m.AUTH_OK).encode() + m.BackendKeyData(1, b"\0\0\0\1").encode()
     session.server_data(auth + m.ReadyForQuery(b"I").encode())
     assert session.phase is Phase.READY, session.phase
-    first, first_reply, request, reply = _messages(mode)
+    first, first_reply, requests, reply = _messages(mode)
     session.data_received(first)
     session.server_data(first_reply)
-    for _ in range(2000):  # warm caches, the analyzer's included
+    for request in requests[-2000:]:  # warm caches, the analyzer's included
         session.data_received(request)
         session.server_data(reply)
+    turns = itertools.islice(itertools.cycle(requests), transactions)
     began = time.perf_counter()
-    for _ in range(transactions):
+    for request in turns:
         session.data_received(request)
         session.server_data(reply)
     return (time.perf_counter() - began) / transactions

@@ -122,3 +122,42 @@ def test_the_switch_to_ready_at_any_cut(cut: int) -> None:
     assert bytes(client.written) == stream
     assert session.round_trips.readies == 1  # the second one; the first ends authentication
     assert host.told == ["ready"]
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_bug_on_the_relay_path_ends_that_session_alone_with_an_error(side: str) -> None:
+    """What compiled relay code does where Python would go on (a TypeError, raised here by
+    the transport the relay writes to): the session ends with an ErrorResponse and a log
+    line; another session relays on unharmed."""
+    broken, _, broken_client, broken_server = authenticating()
+    healthy, _, healthy_client, healthy_server = authenticating()
+    for session in (broken, healthy):
+        session.server_data(AUTH_OK + READY)
+    calls: list[bytes] = []
+
+    def fails(data: bytes) -> None:
+        calls.append(data)
+        raise TypeError("expected bytes, got int")
+
+    if side == "client":
+        broken_server.write = fails  # type: ignore[method-assign]
+        query = m.Query("SELECT 1").encode()
+        broken.data_received(query)
+        assert calls[0] == query
+        # the client is told, at a message boundary
+        error = m.ErrorResponse.decode(bytes(broken_client.written)[len(AUTH_OK + READY) + 5 :])
+        assert error.sqlstate == "XX000" and error.severity == "FATAL"
+        assert "pgwarden: internal error" in error.message
+    else:
+        broken_client.write = fails  # type: ignore[method-assign]
+        notice = m.NoticeResponse.build("NOTICE", "00000", "x").encode()
+        broken.server_data(notice)
+        assert calls[0] == notice
+    assert broken.phase is Phase.CLOSED and broken.close_reason == "internal_error"
+    assert broken_client.closed and broken_server.closed
+    counter = broken.metrics.connection_errors["internal_error"]
+    assert counter._value.get() == 1  # type: ignore[attr-defined]
+    query = m.Query("SELECT 1").encode()
+    healthy.data_received(query)
+    assert bytes(healthy_server.written).endswith(query)
+    assert healthy.phase is Phase.READY and not healthy_client.closed

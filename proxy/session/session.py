@@ -215,7 +215,10 @@ class Session(asyncio.Protocol):
                 return
             if self._rules is None and self.host.rules is not None:
                 self._start_rules()  # rules added by a reload apply to open sessions too
-            relay.client_data(data)
+            try:
+                relay.client_data(data)
+            except Exception:
+                self._relay_failed("client")
         elif self.phase is Phase.STARTUP:
             self._startup.feed(data)
             self._read_startup()
@@ -379,7 +382,10 @@ class Session(asyncio.Protocol):
     def server_data(self, data: bytes) -> None:
         relay = self.relay
         if relay is not None:
-            relay.server_data(data)
+            try:
+                relay.server_data(data)
+            except Exception:
+                self._relay_failed("server")
         elif self.phase is Phase.AUTH:
             self._auth_server_data(data)
 
@@ -522,6 +528,26 @@ class Session(asyncio.Protocol):
             "pgwarden: lost the connection to the upstream PostgreSQL server",
             "upstream_lost",
         )
+
+    def _relay_failed(self, side: str) -> None:
+        """A bug on the relay path (compiled code raises TypeError where Python would have
+        gone on) ends this session, never the process nor another session: logged, the
+        client told where the stream allows, both sides closed."""
+        self.metrics.connection_errors["internal_error"].inc()
+        log.exception("relay_failed", side=side, action="session closed", **self.log_fields())
+        message = "pgwarden: internal error, the session is closed"
+        try:
+            if self.client is not None and self._server_at_boundary():
+                self._write_client(m.ErrorResponse.build("FATAL", "XX000", message).encode())
+        except Exception:
+            log.exception("relay_failed", side=side, action="client not told")
+        try:
+            self._close("internal_error")
+        except Exception:  # the state is unknown: drop both sides as they are
+            log.exception("relay_failed", side=side, action="connections aborted")
+            for transport in (self.client, self.server):
+                if transport is not None:
+                    transport.abort()
 
     def books_lost(self, exc: Exception) -> None:
         """The tracker kept this session's server side and cannot any more; where the
