@@ -149,19 +149,21 @@ class Inspector:
             lost(exc)
 
     def _statements(self, events: list[StatementEvent]) -> None:
-        """The statements of one round trip: metrics first, then each detector in turn."""
-        record = self.metrics.record_statement
+        """The statements of one round trip: metrics first, then each detector in turn.
+        Methods are called on their objects, not taken as bound methods first: compiled,
+        that is a direct call, where a bound method goes through Python's calling
+        convention (measured: ~500 instructions a detector a statement)."""
+        metrics = self.metrics
         client = self.client_key
         samples = self.analysis.samples
         for event in events:
-            record(event, client)
+            metrics.record_statement(event, client)
             if samples is not None:
                 samples.offer(event)
         for detector in self.detectors:
             try:
-                observe = detector.observe
                 for event in events:
-                    found = observe(event)
+                    found = detector.observe(event)
                     if found:
                         self._report(found)
             except Exception:
